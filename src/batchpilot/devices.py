@@ -1,0 +1,52 @@
+"""Choosing and checking the device a measurement runs on.
+
+>>> resolve_device("cpu")
+device(type='cpu')
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from batchpilot.errors import BadInputError
+
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then the CPU; other names are checked to exist here."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if match:
+        if not torch.cuda.is_available():
+            raise BadInputError(f"--device: {spec!r} asked for, but CUDA is not available here")
+        index = int(match.group(1) or torch.cuda.current_device())
+        if index >= torch.cuda.device_count():
+            raise BadInputError(
+                f"--device: {spec!r} asked for, but only {torch.cuda.device_count()} CUDA "
+                "device(s) are visible"
+            )
+        return torch.device("cuda", index)
+    if spec == "mps":
+        if not torch.backends.mps.is_available():
+            raise BadInputError("--device: 'mps' asked for, but MPS is not available here")
+        return torch.device("mps")
+    raise BadInputError(f"--device: unknown device {spec!r}; expected {DEVICE_CHOICES}")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer reads the work's real end."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

@@ -1,0 +1,217 @@
+"""Short, reproducible training runs on a task: the loop every measurement and check builds on.
+
+A run draws its model initialisation, data order and dropout from ``seed`` inside
+:func:`~batchpilot.state.preserved_rng`, so it is repeatable and leaves the caller's RNG alone.
+One optimizer step takes ``accumulation_steps`` micro-batches; a mean-reduced micro-loss is divided
+by the accumulation steps (a sum-reduced one is not: the sum over the global batch is the sum of
+the micro-sums), so the step equals one step at the global batch.
+
+>>> from batchpilot.loading import load_task
+>>> result = train(load_task(example="xor4"), micro_batch=16, lr=2.0, steps=5, seed=0)
+>>> len(result.train_losses)
+5
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchpilot.data import batch_size, to_device
+from batchpilot.errors import BadInputError
+from batchpilot.scaling import check_positive_float, check_positive_int
+from batchpilot.state import preserved_rng
+from batchpilot.task import Task
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Sample-weighted mean loss (and metric) over a dataset split."""
+
+    loss: float
+    metric: float | None
+    samples: int
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one training run did, step by step."""
+
+    micro_batch: int
+    accumulation_steps: int
+    global_batch: int
+    lr: float
+    steps: int
+    samples: int
+    epochs: float
+    seconds: float
+    train_losses: tuple[float, ...]
+    evaluations: tuple[tuple[int, Evaluation], ...]
+    diverged: bool
+
+    @property
+    def final(self) -> Evaluation | None:
+        return self.evaluations[-1][1] if self.evaluations else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["train_losses"] = list(self.train_losses)
+        data["evaluations"] = [{"step": step, **asdict(ev)} for step, ev in self.evaluations]
+        return data
+
+
+def micro_batches(task: Task, micro_batch: int, *, seed: int) -> Iterator[Any]:
+    """Shuffled micro-batches of the training set, epoch after epoch, the last partial one dropped.
+
+    Epoch ``e`` is shuffled by ``seed + e``, so the order is reproducible and independent of the
+    global RNG.
+    """
+    check_positive_int("micro_batch", micro_batch)
+    if micro_batch > task.train_size:
+        raise BadInputError(
+            f"micro_batch: {micro_batch} is larger than the training set ({task.train_size} samples)"
+        )
+    epoch = 0
+    while True:
+        yield from task.loader(micro_batch, shuffle=True, seed=seed + epoch, drop_last=True)
+        epoch += 1
+
+
+def accumulate_gradients(
+    task: Task, model: nn.Module, batches: list[Any], *, device: torch.device
+) -> float:
+    """Forward and backward over ``batches`` (one optimizer step's micro-batches).
+
+    Returns the step's training loss as a per-sample mean, whatever the task's reduction.
+    """
+    total, samples = 0.0, 0
+    for batch in batches:
+        batch = to_device(batch, device)
+        loss = task.compute_loss(model, batch)
+        n = batch_size(batch)
+        scaled = loss / len(batches) if task.reduction == "mean" else loss
+        scaled.backward()
+        value = float(loss.detach())
+        total += value * n if task.reduction == "mean" else value
+        samples += n
+    return total / max(samples, 1)
+
+
+@torch.no_grad()
+def evaluate(
+    task: Task,
+    model: nn.Module,
+    *,
+    device: torch.device | str = "cpu",
+    split: str = "val",
+    batch_size_limit: int = 512,
+) -> Evaluation:
+    """Mean loss and metric of ``model`` over the validation (or training) set, in eval mode."""
+    device = torch.device(device)
+    was_training = {name: m.training for name, m in model.named_modules()}
+    model.eval()
+    total_loss, total_metric, samples = 0.0, 0.0, 0
+    try:
+        loader = task.loader(
+            batch_size_limit, split="val" if split == "val" else "train", shuffle=False
+        )
+        for batch in loader:
+            batch = to_device(batch, device)
+            n = batch_size(batch)
+            loss = float(task.compute_loss(model, batch))
+            total_loss += loss * n if task.reduction == "mean" else loss
+            if task.metric is not None:
+                total_metric += task.compute_metric(model, batch) * n
+            samples += n
+    finally:
+        for name, m in model.named_modules():
+            m.training = was_training[name]
+    metric = total_metric / samples if task.metric is not None else None
+    return Evaluation(loss=total_loss / samples, metric=metric, samples=samples)
+
+
+def train(
+    task: Task,
+    *,
+    micro_batch: int,
+    lr: float,
+    steps: int | None = None,
+    epochs: float | None = None,
+    accumulation_steps: int = 1,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    eval_every: int | None = None,
+    lr_schedule: Callable[[int], float] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train a fresh model from ``task`` for ``steps`` optimizer steps (or ``epochs`` epochs).
+
+    ``lr_schedule(step)`` multiplies ``lr`` at each step (e.g. a warm-up); ``eval_every`` adds a
+    validation point every that many steps (the final step is always evaluated when the task has
+    validation data). A non-finite training loss stops the run and marks it ``diverged``.
+    """
+    check_positive_int("micro_batch", micro_batch)
+    check_positive_int("accumulation_steps", accumulation_steps)
+    lr = check_positive_float("lr", lr)
+    global_batch = micro_batch * accumulation_steps
+    if (steps is None) == (epochs is None):
+        raise BadInputError("steps: give either steps or epochs")
+    if steps is None:
+        assert epochs is not None
+        check_positive_float("epochs", epochs)
+        steps = max(1, math.ceil(epochs * task.train_size / global_batch))
+    check_positive_int("steps", steps)
+    device = torch.device(device)
+
+    with preserved_rng():
+        torch.manual_seed(seed)
+        model = task.make_model(device)
+        model.train()
+        optimizer = task.make_optimizer(model.parameters(), lr)
+        base_lrs = [group["lr"] for group in optimizer.param_groups]
+        source = micro_batches(task, micro_batch, seed=seed)
+        losses: list[float] = []
+        evaluations: list[tuple[int, Evaluation]] = []
+        diverged = False
+        start = time.perf_counter()
+        for step in range(steps):
+            if lr_schedule is not None:
+                factor = lr_schedule(step)
+                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * factor
+            optimizer.zero_grad(set_to_none=True)
+            batches = [next(source) for _ in range(accumulation_steps)]
+            loss = accumulate_gradients(task, model, batches, device=device)
+            if not math.isfinite(loss):
+                diverged = True
+                break
+            optimizer.step()
+            losses.append(loss)
+            if on_step is not None:
+                on_step(step, loss)
+            last = step == steps - 1
+            if task.val_data is not None and (
+                last or (eval_every is not None and (step + 1) % eval_every == 0)
+            ):
+                evaluations.append((step + 1, evaluate(task, model, device=device)))
+        seconds = time.perf_counter() - start
+    done = len(losses)
+    return TrainResult(
+        micro_batch=micro_batch,
+        accumulation_steps=accumulation_steps,
+        global_batch=global_batch,
+        lr=lr,
+        steps=done,
+        samples=done * global_batch,
+        epochs=done * global_batch / task.train_size,
+        seconds=seconds,
+        train_losses=tuple(losses),
+        evaluations=tuple(evaluations),
+        diverged=diverged,
+    )
