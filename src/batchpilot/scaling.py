@@ -118,13 +118,15 @@ def scale_beta(name: str, beta: float, kappa: float) -> float:
     """β → 1 − κ(1 − β), refusing a result outside (0, 1) with by how much it misses."""
     if not 0.0 <= beta < 1.0:
         raise BadInputError(f"{name}: expected a value in [0, 1), got {beta!r}")
+    if kappa == 1.0:
+        return beta
     scaled = 1.0 - kappa * (1.0 - beta)
     if scaled <= 0.0:
         kappa_max = 1.0 / (1.0 - beta)
         raise BadInputError(
             f"{name}: the adam rule would push {name}={beta:g} to {scaled:.4g} (≤ 0) at "
-            f"κ={kappa:.4g}: κ must stay below 1/(1 − {name}) = {kappa_max:.4g}, "
-            f"{kappa / kappa_max:.3g}× less than asked"
+            f"κ={kappa:.4g}, {kappa / kappa_max:.3g}× the κ < 1/(1 − {name}) = {kappa_max:.4g} "
+            "that this rule allows"
         )
     if scaled >= 1.0:
         raise BadInputError(

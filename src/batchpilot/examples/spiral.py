@@ -1,7 +1,8 @@
 """The TensorFlow Playground's two-spiral problem with a small tanh MLP (seed article 003).
 
-The Playground draws 500 points on two interleaved spirals with a little noise and trains on half
-of them; so does this task (250 train, 250 validation), generated from a fixed seed.
+The Playground draws 500 points on two interleaved spirals (noise 0 by default) and trains on half
+of them; so does this task (250 train, 250 validation), generated from a fixed seed. Coordinates
+span about ±5, as in the Playground. Plain SGD at batch 10, lr 0.3 fits it in about 150 epochs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from batchpilot.task import Task
 
 
 def spiral_points(
-    n: int = 500, *, noise: float = 0.1, seed: int = 0
+    n: int = 500, *, noise: float = 0.0, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` points, half on each spiral arm, as in the Playground's ``classifySpiralData``."""
     generator = torch.Generator().manual_seed(seed)
