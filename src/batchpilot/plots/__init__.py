@@ -12,7 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def save_figure(figure: Figure, path: Path) -> Path:
