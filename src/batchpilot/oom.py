@@ -14,6 +14,7 @@ import torch
 _OOM_MESSAGES = (
     "out of memory",  # CUDA, ROCm/HIP ("HIP out of memory"), XPU ("XPU out of memory")
     "can't allocate memory",  # CPU: DefaultCPUAllocator
+    "not enough memory",  # CPU on Windows: "DefaultCPUAllocator: not enough memory"
     "cannot allocate memory",  # CPU: posix_memalign / errno ENOMEM
     "failed to allocate memory",  # CPU and oneDNN
     "mps backend out of memory",  # Apple MPS

@@ -18,7 +18,7 @@ try:  # Typer ≥ 0.22 vendors Click; older releases use the click package
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
-from batchpilot.cli import scale, tasks  # noqa: F401  (registers the commands)
+from batchpilot.cli import demo, lr_find, memory, noise, scale, sweep, tasks, tune  # noqa: F401  (registers the commands)
 from batchpilot.cli.app import app
 from batchpilot.errors import BatchpilotError
 

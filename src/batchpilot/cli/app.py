@@ -7,8 +7,6 @@ progress and logs go to stderr.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -28,6 +26,7 @@ from rich.progress import (
 from batchpilot.devices import DEVICE_CHOICES
 from batchpilot.errors import BadInputError
 from batchpilot.examples import EXAMPLES
+from batchpilot.jsonio import to_json
 from batchpilot.loading import load_task
 from batchpilot.task import Task
 
@@ -90,22 +89,10 @@ def stderr() -> Console:
     return Console(stderr=True, highlight=False)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(key): _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def emit(fmt: OutputFormat, data: dict[str, Any], table: Callable[[Console], None]) -> None:
     """Print ``data`` as JSON on stdout, or call ``table`` to render it for a person."""
     if fmt is OutputFormat.json:
-        print(json.dumps(_json_safe(data), indent=2))
+        print(to_json(data, indent=2))
     else:
         table(stdout())
 

@@ -1,0 +1,461 @@
+"""Critical batch: batchpilot's noise-scale estimate against steps-to-target measured over a ladder.
+
+For each built-in example this script
+
+1. measures the steps a fresh model needs to bring its training loss to a target, at every batch
+   of a ladder, with the learning rate re-tuned per batch by a small grid (×2 steps around
+   ``ref_lr·√(B/ref_batch)``, widened while the best lr sits at an edge);
+2. fits ``S = S_min (1 + B_crit / B)`` to those points (least squares on relative error);
+3. runs :func:`batchpilot.noise.measure_noise_scale` once, at one batch of the ladder with that
+   batch's tuned lr, for as many steps as that batch needed to reach the target, and reports its
+   estimate of the run's critical batch beside the fit (goal: within a factor of 3);
+4. times training steps with and without the estimator attached (goal: ≤ 5% on CPU).
+
+Run: ``.venv/bin/python benchmarks/critical_batch.py`` (about 5–10 minutes on 2 loaded CPU cores);
+``--examples spiral`` for one; ``--plot docs/img/critical_batch.png`` to draw the curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from batchpilot.loading import load_task
+from batchpilot.noise import GradientNoiseScale, NoiseScaleResult, measure_noise_scale
+from batchpilot.state import preserved_rng
+from batchpilot.task import Task
+from batchpilot.training import accumulate_gradients, evaluate, micro_batches
+
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How one example is measured."""
+
+    example: str
+    ladder: tuple[int, ...]
+    measure_batch: int
+    target_loss: float
+    max_steps: int
+    eval_samples: int | None  # a fixed subset of the training set for the target check
+
+
+SETUPS = {
+    "digits": Setup("digits", (8, 16, 32, 64, 128, 256, 512), 64, 0.1, 1500, 256),
+    "spiral": Setup("spiral", (4, 8, 16, 32, 64, 128), 32, 0.4, 8000, None),
+    "xor4": Setup("xor4", (1, 2, 4, 8, 16), 8, 0.2, 6000, None),
+}
+
+
+# --------------------------------------------------------------------------- steps to target
+
+
+def _target_task(task: Task, eval_samples: int | None) -> Task:
+    """The task whose 'val' split is the (subset of the) training set the target is checked on."""
+    if eval_samples is None or eval_samples >= task.train_size:
+        subset = task.train_data
+    else:
+        order = torch.randperm(task.train_size, generator=torch.Generator().manual_seed(1))
+        subset = Subset(task.train_data, order[:eval_samples].tolist())
+    return dataclasses.replace(task, val_data=subset)
+
+
+def steps_to_target(
+    task: Task, *, batch: int, lr: float, target: float, max_steps: int, seed: int = 0
+) -> float:
+    """Optimizer steps until the training loss (eval mode) first reaches ``target``; inf if not
+    within ``max_steps`` or if the run diverges.
+
+    The loss is checked at every step up to 10, then every ~5% of the steps so far, and only
+    once a moving average of the batch losses is within 2× of the target (a free pre-filter).
+    """
+    with preserved_rng():
+        torch.manual_seed(seed)
+        model = task.make_model(CPU)
+        model.train()
+        optimizer = task.make_optimizer(model.parameters(), lr)
+        source = micro_batches(task, batch, seed=seed)
+        smoothed, weight, first_loss = 0.0, 0.0, None
+        next_check = 1
+        for step in range(1, max_steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            loss = accumulate_gradients(task, model, [next(source)], device=CPU)
+            if first_loss is None:
+                first_loss = loss
+            if not math.isfinite(loss) or loss > 4 * first_loss + 1.0:
+                return math.inf
+            optimizer.step()
+            smoothed, weight = 0.9 * smoothed + 0.1 * loss, 0.9 * weight + 0.1
+            if step >= next_check and smoothed / weight <= 2 * target:
+                if evaluate(task, model, device=CPU).loss <= target:
+                    return float(step)
+                next_check = step + max(1, step // 20)
+    return math.inf
+
+
+@dataclass(frozen=True)
+class LadderPoint:
+    batch: int
+    steps: float
+    lr: float
+    tried: tuple[tuple[float, float], ...]  # (lr, steps) of every grid point run
+
+
+def tune_batch(task: Task, setup: Setup, batch: int, *, seed: int) -> LadderPoint:
+    """Fewest steps to target over a small lr grid at ``batch``.
+
+    Runs that can no longer beat the best one so far are cut at 1.5× its steps (they cannot win).
+    """
+    assert task.reference_lr is not None and task.reference_batch is not None
+    center = task.reference_lr * math.sqrt(batch / task.reference_batch)
+    results: dict[int, float] = {}  # grid index (lr = center · 2^i) -> steps
+
+    def run(index: int) -> None:
+        best = min(results.values(), default=math.inf)
+        cap = setup.max_steps if math.isinf(best) else min(setup.max_steps, math.ceil(1.5 * best))
+        results[index] = steps_to_target(
+            task, batch=batch, lr=center * 2.0**index, target=setup.target_loss,
+            max_steps=cap, seed=seed,
+        )  # fmt: skip
+
+    for index in (0, 1, -1):
+        run(index)
+    while len(results) < 7:
+        best_index = min(results, key=lambda i: (results[i], -i))
+        if math.isinf(results[best_index]):
+            step = max(results) + 1 if max(results) < 3 else min(results) - 1
+        elif best_index == max(results):
+            step = best_index + 1
+        elif best_index == min(results):
+            step = best_index - 1
+        else:
+            break
+        if step in results:
+            break
+        run(step)
+    best_index = min(results, key=lambda i: (results[i], -i))
+    tried = tuple(sorted((center * 2.0**i, s) for i, s in results.items()))
+    return LadderPoint(batch, results[best_index], center * 2.0**best_index, tried)
+
+
+@dataclass(frozen=True)
+class Fit:
+    min_steps: float
+    critical_batch: float
+    max_relative_error: float
+
+
+def fit_steps(batches: list[int], steps: list[float], *, dataset_size: int | None = None) -> Fit:
+    """Least squares of ``S = S_min + S_min·B_crit / B`` on relative errors (rows divided by S).
+
+    With ``dataset_size`` N, ``1/B`` becomes ``(N − B)/(B (N − 1))``: the gradient noise of a batch
+    drawn without replacement, which vanishes at the full dataset.
+    """
+    pairs = [(b, s) for b, s in zip(batches, steps, strict=True) if math.isfinite(s)]
+    if len(pairs) < 2:
+        return Fit(math.nan, math.nan, math.nan)
+    b = np.array([p[0] for p in pairs], dtype=float)
+    s = np.array([p[1] for p in pairs], dtype=float)
+    inverse = 1.0 / b if dataset_size is None else (dataset_size - b) / (b * (dataset_size - 1))
+    design = np.stack([np.ones_like(b), inverse], axis=1) / s[:, None]
+    (intercept, slope), *_ = np.linalg.lstsq(design, np.ones_like(s), rcond=None)
+    if intercept <= 0:  # steps still fall as 1/B at the largest batch: B_crit beyond the ladder
+        return Fit(math.nan, math.inf, math.nan)
+    critical = max(slope / intercept, 0.0)
+    predicted = intercept * (1 + critical * inverse)
+    return Fit(float(intercept), float(critical), float(np.max(np.abs(predicted / s - 1))))
+
+
+# ------------------------------------------------------------------------------- overhead
+
+
+def step_overhead(
+    task: Task, batch: int, *, steps: int, micro_batches_per_step: int = 4
+) -> dict[str, float]:
+    """Median CPU seconds (and wall seconds) per training step without and with the estimator.
+
+    The same model alternates steps with and without it, so drifting load hits both alike; CPU
+    time of this process (one intra-op thread) is what the estimator adds, wall time on a shared
+    machine also holds the time the process waited for a core.
+    """
+    assert task.reference_lr is not None
+    micro = batch // micro_batches_per_step
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+    wall: dict[bool, list[float]] = {False: [], True: []}
+    inside: list[float] = []  # CPU time spent in the estimator's own calls, per observed step
+    with preserved_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = task.make_model(CPU)
+        optimizer = task.make_optimizer(model.parameters(), task.reference_lr * 0.01)
+        noise = GradientNoiseScale(model, reduction=task.reduction)
+        source = micro_batches(task, micro, seed=0)
+        parts = [next(source) for _ in range(64 * micro_batches_per_step)]
+        for step in range(2 * steps + 20):
+            observe = step % 2 == 1
+            start_cpu, start_wall = time.process_time(), time.perf_counter()
+            spent = 0.0
+            optimizer.zero_grad(set_to_none=True)
+            for k in range(micro_batches_per_step):
+                part = parts[(step * micro_batches_per_step + k) % len(parts)]
+                loss = task.compute_loss(model, part)
+                (loss / micro_batches_per_step).backward()
+                if observe:
+                    before = time.thread_time()
+                    noise.record_micro_batch(micro)
+                    spent += time.thread_time() - before
+            if observe:
+                before = time.thread_time()
+                noise.finish_step()
+                spent += time.thread_time() - before
+            optimizer.step()
+            if step >= 20:
+                cpu[observe].append(time.process_time() - start_cpu)
+                wall[observe].append(time.perf_counter() - start_wall)
+                if observe:
+                    inside.append(spent)
+    # process_time ticks coarsely on some systems: compare means of CPU time, medians of wall.
+    return {
+        "inside": statistics.fmean(inside),
+        "cpu_without": statistics.fmean(cpu[False]),
+        "cpu_with": statistics.fmean(cpu[True]),
+        "wall_without": statistics.median(wall[False]),
+        "wall_with": statistics.median(wall[True]),
+    }
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class ExampleResult:
+    setup: Setup
+    points: tuple[LadderPoint, ...]
+    fit: Fit
+    finite_fit: Fit
+    noise: NoiseScaleResult | None
+    seconds: float
+    train_size: int
+
+
+def run_example(setup: Setup, *, seed: int, log: Callable[[str], None]) -> ExampleResult:
+    start = time.perf_counter()
+    task = _target_task(load_task(example=setup.example), setup.eval_samples)
+    points = []
+    for batch in setup.ladder:
+        point = tune_batch(task, setup, batch, seed=seed)
+        grid = ", ".join(f"{lr:.3g}:{'—' if math.isinf(s) else int(s)}" for lr, s in point.tried)
+        log(
+            f"  {setup.example} batch {batch:4d}: {point.steps:6.0f} steps at lr {point.lr:.3g}  [{grid}]"
+        )
+        points.append(point)
+    fit = fit_steps([p.batch for p in points], [p.steps for p in points])
+    finite_fit = fit_steps(
+        [p.batch for p in points], [p.steps for p in points], dataset_size=task.train_size
+    )
+    at_measure = next(p for p in points if p.batch == setup.measure_batch)
+    noise = None
+    if math.isfinite(at_measure.steps):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            noise = measure_noise_scale(
+                task, batch=setup.measure_batch, steps=int(at_measure.steps), lr=at_measure.lr,
+                micro_batches=4, seed=seed,
+            )  # fmt: skip
+    return ExampleResult(
+        setup, tuple(points), fit, finite_fit, noise, time.perf_counter() - start, task.train_size
+    )
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if math.isinf(value):
+        return "∞"
+    return f"{value:.{digits}g}"
+
+
+def print_tables(results: list[ExampleResult], overheads: dict[str, dict[str, float]]) -> None:
+    print()
+    print("Steps to the target training loss, lr re-tuned per batch, and the fits")
+    print()
+    for result in results:
+        setup = result.setup
+        cells = {
+            "batch": [str(p.batch) for p in result.points],
+            "steps": [_fmt(p.steps, 4) for p in result.points],
+            "best lr": [_fmt(p.lr, 2) for p in result.points],
+            "fit": [_predict(result.fit, p.batch, None) for p in result.points],
+        }
+        print(
+            f"{setup.example} (training loss ≤ {setup.target_loss}, {result.train_size} samples):"
+        )
+        for index, (name, row) in enumerate(cells.items()):
+            print(f"| {name} | {' | '.join(row)} |")
+            if index == 0:
+                print("|---" * (len(row) + 1) + "|")
+        print()
+    print("batchpilot's estimate of the run's critical batch beside the fitted B_crit")
+    print()
+    print(
+        "| example | fitted B_crit (max err) | estimate | ratio | within 3× "
+        "| B_crit read at B = N | ratio | noise scale at target [95% interval] |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for result in results:
+        fit, finite, noise = result.fit, result.finite_fit, result.noise
+        estimate = noise.critical_batch if noise else math.nan
+        ratio = _ratio(estimate, fit.critical_batch)
+        within = "—" if not math.isfinite(ratio) else ("yes" if 1 / 3 <= ratio <= 3 else "no")
+        end = (
+            f"{_fmt(noise.noise_scale)} [{_fmt(noise.noise_scale_interval[0])}, "
+            f"{_fmt(noise.noise_scale_interval[1])}]"
+            if noise
+            else "—"
+        )
+        print(
+            f"| {result.setup.example} | {_fmt(fit.critical_batch)} "
+            f"({_fmt(100 * fit.max_relative_error, 2)}%) | {_fmt(estimate)} | {_fmt(ratio, 2)} "
+            f"| {within} | {_fmt(finite.critical_batch)} "
+            f"({_fmt(100 * finite.max_relative_error, 2)}%) "
+            f"| {_fmt(_ratio(estimate, finite.critical_batch), 2)} | {end} |"
+        )
+    print()
+    print(
+        "estimate: NoiseScaleResult.critical_batch (progress-weighted mean of the noise scale over "
+        "the run) of measure_noise_scale at one batch of the ladder, its best lr, for the steps "
+        "that batch needed; 'B_crit read at B = N': the same fit with 1/B → (N − B)/(B(N − 1)), "
+        "the noise of a batch drawn without replacement from N samples (S_min at the full dataset)"
+    )
+    for result in results:
+        if result.noise is not None:
+            print(
+                f"  {result.setup.example}: measured at batch {result.setup.measure_batch} "
+                f"({result.noise.micro_batches} × {result.noise.micro_batch}), lr "
+                f"{result.noise.lr:.3g}, {result.noise.steps} steps, {result.noise.seconds:.1f} s"
+            )
+    print()
+    print("Estimator step-time overhead (4 micro-batches per step, alternating steps on one model)")
+    print()
+    print(
+        "| example | batch | CPU ms/step without | with | difference | in the estimator's calls "
+        "| wall ms/step without | with | difference | goal ≤ 5% |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, times in overheads.items():
+        cpu = times["cpu_with"] / times["cpu_without"] - 1
+        wall = times["wall_with"] / times["wall_without"] - 1
+        inside = times["inside"] / times["cpu_without"]
+        print(
+            f"| {name} | {SETUPS[name].measure_batch} | {1e3 * times['cpu_without']:.3f} "
+            f"| {1e3 * times['cpu_with']:.3f} | {100 * cpu:+.1f}% "
+            f"| {1e3 * times['inside']:.3f} ms = {100 * inside:.1f}% "
+            f"| {1e3 * times['wall_without']:.3f} | {1e3 * times['wall_with']:.3f} "
+            f"| {100 * wall:+.1f}% | {'yes' if max(cpu, inside) <= 0.05 else 'no'} |"
+        )
+
+
+def _ratio(estimate: float, fitted: float) -> float:
+    if not (math.isfinite(estimate) and math.isfinite(fitted)) or fitted <= 0:
+        return math.nan
+    return estimate / fitted
+
+
+def _predict(fit: Fit, batch: int, dataset_size: int | None) -> str:
+    if not math.isfinite(fit.critical_batch):
+        return "—"
+    inverse = (
+        1 / batch if dataset_size is None else (dataset_size - batch) / (batch * (dataset_size - 1))
+    )
+    return _fmt(fit.min_steps * (1 + fit.critical_batch * inverse), 4)
+
+
+def plot(results: list[ExampleResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    for ax, result in zip(axes[0], results, strict=True):
+        batches = [p.batch for p in result.points if math.isfinite(p.steps)]
+        steps = [p.steps for p in result.points if math.isfinite(p.steps)]
+        ax.loglog(batches, steps, "o", label="measured (best lr)")
+        fit = result.fit
+        if math.isfinite(fit.critical_batch) and batches:
+            grid = np.geomspace(min(batches) / 1.5, max(batches) * 1.5, 100)
+            ax.loglog(grid, fit.min_steps * (1 + fit.critical_batch / grid), "-", label="fit")
+            ax.axvline(
+                fit.critical_batch,
+                color="C1",
+                ls=":",
+                label=f"fitted B_crit {fit.critical_batch:.3g}",
+            )
+        if result.noise is not None and math.isfinite(result.noise.critical_batch):
+            ax.axvline(
+                result.noise.critical_batch, color="C2", ls="--",
+                label=f"noise-scale estimate {result.noise.critical_batch:.3g}",
+            )  # fmt: skip
+        ax.set_title(f"{result.setup.example}: loss ≤ {result.setup.target_loss}")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("steps to target")
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overhead-steps", type=int, default=300)
+    parser.add_argument("--plot", type=Path, default=None, help="write the curves as a PNG here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    load = os.getloadavg()[0]
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} CPU cores, 1 intra-op thread, "
+        f"load average at start {load:.2f} (the machine is shared: step times are noisy)"
+    )
+    start = time.perf_counter()
+    results = []
+    for name in args.examples:
+        log(f"{name}: steps to target over the ladder")
+        results.append(run_example(SETUPS[name], seed=args.seed, log=log))
+    overheads = {}
+    for name in args.examples:
+        setup = SETUPS[name]
+        task = load_task(example=name)
+        steps = args.overhead_steps if name != "digits" else max(20, args.overhead_steps // 3)
+        overheads[name] = step_overhead(task, setup.measure_batch, steps=steps)
+    print_tables(results, overheads)
+    print()
+    print(
+        f"total {time.perf_counter() - start:.0f} s; load average at end {os.getloadavg()[0]:.2f}"
+    )
+    if args.plot is not None:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

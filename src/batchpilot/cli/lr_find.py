@@ -1,0 +1,216 @@
+"""``batchpilot lr-find``: the learning-rate range test, its suggestions and how sure they are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from batchpilot.cli.app import (
+    DebugOpt,
+    DeviceOpt,
+    ExampleOpt,
+    FormatOpt,
+    OutputFormat,
+    SeedOpt,
+    TaskArg,
+    app,
+    emit,
+    get_task,
+    progress,
+)
+from batchpilot.devices import resolve_device
+from batchpilot.errors import BadInputError
+from batchpilot.jsonio import to_json
+from batchpilot.lr_finder import DEFAULT_METHOD, MODES, LRFinderResult, find_lr
+from batchpilot.lr_suggest import METHODS
+
+DEFAULT_OUT = Path("batchpilot-lr-find")
+
+
+@app.command(
+    "lr-find",
+    help=(
+        "LR range test at your batch: the lr grows from --min-lr to --max-lr over --steps "
+        "optimizer steps, repeated --repeats times; prints the suggested lr of each rule with its "
+        "spread over the repeats and writes a plot. "
+        "Example: batchpilot lr-find --example digits --batch 64"
+    ),
+)
+def lr_find_command(
+    task_spec: TaskArg = None,
+    example: ExampleOpt = None,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            "--batch",
+            help="Micro-batch (samples per forward pass) [default: the task's reference batch].",
+        ),
+    ] = None,
+    accumulation: Annotated[
+        int,
+        typer.Option(
+            "--accumulation", help="Micro-batches per optimizer step (global batch = batch × this)."
+        ),
+    ] = 1,
+    min_lr: Annotated[float, typer.Option("--min-lr", help="First lr of the test.")] = 1e-6,
+    max_lr: Annotated[float, typer.Option("--max-lr", help="Last lr of the test.")] = 10.0,
+    steps: Annotated[
+        int, typer.Option("--steps", help="Optimizer steps per test (one point each).")
+    ] = 100,
+    repeats: Annotated[
+        int,
+        typer.Option("--repeats", help="Tests with different seeds (model init and data order)."),
+    ] = 3,
+    mode: Annotated[
+        str, typer.Option("--mode", help=f"lr schedule: {' or '.join(MODES)}.")
+    ] = "exponential",
+    method: Annotated[
+        str,
+        typer.Option("--method", help=f"Rule behind the suggestion: {', '.join(METHODS)}."),
+    ] = DEFAULT_METHOD,
+    divergence_factor: Annotated[
+        float,
+        typer.Option(
+            "--divergence-factor",
+            help="Stop when the smoothed loss exceeds this × its best value.",
+        ),
+    ] = 4.0,
+    verify_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--verify-steps",
+            help="Also train a fresh model this many steps at each suggestion and compare losses.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Folder for the plot (lr-find.png) and the result (lr-find.json)."
+        ),
+    ] = DEFAULT_OUT,
+    plot: Annotated[
+        bool, typer.Option("--plot/--no-plot", help="Write the plot and the JSON file to --out.")
+    ] = True,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    fmt: FormatOpt = OutputFormat.table,
+    debug: DebugOpt = False,
+) -> None:
+    task = get_task(task_spec, example)
+    if batch is None:
+        batch = task.reference_batch
+    if batch is None:
+        raise BadInputError("--batch: the task has no reference batch; give --batch")
+    if batch <= 0:
+        raise BadInputError(f"--batch: expected a positive integer, got {batch}")
+    if batch > task.train_size:
+        raise BadInputError(
+            f"--batch: {batch} is larger than the training set ({task.train_size} samples)"
+        )
+    with progress() as bar:
+        job = bar.add_task("range test", total=repeats * steps)
+        result = find_lr(
+            task,
+            micro_batch=batch,
+            accumulation_steps=accumulation,
+            min_lr=min_lr,
+            max_lr=max_lr,
+            steps=steps,
+            mode=mode,
+            repeats=repeats,
+            seed=seed,
+            device=resolve_device(device),
+            divergence_factor=divergence_factor,
+            method=method,
+            verify_steps=verify_steps,
+            on_step=lambda done, total: bar.update(job, completed=done, total=total),
+        )
+    files: dict[str, str | None] = {"plot": None, "json": None}
+    if plot:
+        files = write_outputs(result, out)
+    data = {**result.to_dict(), **files}
+    emit(fmt, data, lambda console: _render(console, result, task.name, files))
+
+
+def write_outputs(result: LRFinderResult, folder: Path) -> dict[str, str | None]:
+    """Write ``lr-find.png`` and ``lr-find.json`` into ``folder``; returns their paths."""
+    # matplotlib is imported only when a plot is wanted: it is slow to import.
+    import matplotlib.pyplot as plt
+
+    from batchpilot.plots import save_figure
+    from batchpilot.plots.lr_find import plot_lr_find
+
+    ax = plot_lr_find(result)
+    png = save_figure(ax.figure, folder / "lr-find.png")  # type: ignore[arg-type]
+    plt.close(ax.figure)  # type: ignore[arg-type]
+    path = folder / "lr-find.json"
+    path.write_text(to_json(result.to_dict(), indent=2))
+    return {"plot": str(png), "json": str(path)}
+
+
+def _render(
+    console: Console, result: LRFinderResult, name: str, files: dict[str, str | None]
+) -> None:
+    split = (
+        f" ({result.micro_batch} × {result.accumulation_steps})"
+        if result.accumulation_steps > 1
+        else ""
+    )
+    table = Table(
+        title=(
+            f"lr range test on {name}: batch {result.global_batch}{split}, {result.steps} steps "
+            f"from {result.min_lr:g} to {result.max_lr:g} ({result.mode}), {len(result.runs)} "
+            f"repeats, {result.seconds:.1f} s"
+        )
+    )
+    checks = {}
+    if result.verification is not None:
+        for check in result.verification.candidates:
+            for method in check.methods:
+                checks[method] = check
+    table.add_column("rule")
+    table.add_column("suggested lr", justify="right")
+    table.add_column("median over repeats", justify="right")
+    table.add_column("IQR over repeats", justify="right")
+    if checks:
+        table.add_column(f"loss after {result.verification.steps} steps", justify="right")  # type: ignore[union-attr]
+    for method, lr in result.suggestions.items():
+        spread = result.spread[method]
+        label = f"{method} (default)" if method == result.method else method
+        row = [
+            label,
+            "—" if lr is None else f"{lr:.3g}",
+            "—" if spread["median"] is None else f"{spread['median']:.3g}",
+            "—"
+            if spread["q1"] is None or spread["q3"] is None
+            else f"{spread['q1']:.3g} – {spread['q3']:.3g}",
+        ]
+        if checks:
+            found = checks.get(method)
+            row.append(
+                "—" if found is None else ("diverged" if found.diverged else f"{found.loss:.4f}")
+            )
+        table.add_row(*row)
+    console.print(table)
+    if result.suggestion is not None:
+        console.print(f"suggested lr: [bold]{result.suggestion:.3g}[/bold] ({result.method})")
+    if result.message:
+        console.print(f"[yellow]{result.message}[/yellow]")
+    if result.diverged_at is not None:
+        console.print(
+            f"the loss diverged at lr {result.diverged_at:.3g} (points from there on dropped)"
+        )
+    for note in result.notes:
+        console.print(f"• {note}")
+    if result.verification is not None and result.verification.best_lr is not None:
+        console.print(
+            f"verified: lr {result.verification.best_lr:.3g} "
+            f"({', '.join(result.verification.best_methods)}) reached the lowest "
+            f"{result.verification.split} loss after {result.verification.steps} steps"
+        )
+    if files.get("plot"):
+        console.print(f"plot: {files['plot']}  data: {files['json']}")

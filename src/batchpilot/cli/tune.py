@@ -1,0 +1,214 @@
+"""``batchpilot tune``: the main job, from a task to one recommendation and an HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, TaskID
+from rich.table import Table
+
+from batchpilot.cli.app import (
+    DebugOpt,
+    DeviceOpt,
+    ExampleOpt,
+    FormatOpt,
+    OutputFormat,
+    SeedOpt,
+    TaskArg,
+    app,
+    emit,
+    get_task,
+    progress,
+    stderr,
+)
+from batchpilot.devices import resolve_device
+from batchpilot.memory_search import parse_size
+from batchpilot.report.tune import write_tune_report
+from batchpilot.tune import TuneOptions, TuneResult, tune
+
+
+class _Bars:
+    """One rich progress bar per phase, on stderr."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.ids: dict[str, TaskID] = {}
+
+    def start(self, phase: str, total: int) -> None:
+        self.ids[phase] = self.bar.add_task(phase, total=max(total, 1))
+
+    def update(self, phase: str, completed: int) -> None:
+        self.bar.update(self.ids[phase], completed=completed)
+
+    def finish(self, phase: str, note: str = "") -> None:
+        task = self.bar.tasks[self.ids[phase]]
+        description = f"{phase}: {note}" if note else phase
+        self.bar.update(self.ids[phase], completed=task.total, description=description)
+
+
+@app.command(
+    "tune",
+    help=(
+        "The main job: measure memory, throughput, a learning-rate range test and the gradient noise "
+        "scale on your task, and recommend the batch size, accumulation, learning rate and warm-up, "
+        "with an HTML report of the evidence. Example: batchpilot tune --example digits"
+    ),
+)
+def tune_command(
+    task_spec: TaskArg = None,
+    example: ExampleOpt = None,
+    world_size: Annotated[
+        int, typer.Option("--world-size", help="Plan for this many data-parallel devices.")
+    ] = 1,
+    reference_batch: Annotated[
+        int | None,
+        typer.Option(
+            "--reference-batch",
+            help="Batch of the range test and the noise-scale run [default: the task's reference batch, else 32].",
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            help="Use this lr at the reference batch instead of the range test's suggestion.",
+        ),
+    ] = None,
+    device_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--device-memory",
+            help="Memory budget per device, e.g. 80GiB or 512MiB [default: what the device has].",
+        ),
+    ] = None,
+    margin: Annotated[
+        float, typer.Option("--margin", help="Safety margin, as a fraction of the budget.")
+    ] = 0.05,
+    max_batch: Annotated[
+        int | None,
+        typer.Option("--max-batch", help="Never probe or recommend a micro-batch above this."),
+    ] = None,
+    throughput_steps: Annotated[
+        int,
+        typer.Option("--throughput-steps", help="Timed steps per batch of the throughput ladder."),
+    ] = 5,
+    lr_steps: Annotated[
+        int, typer.Option("--lr-steps", help="Optimizer steps of each range test.")
+    ] = 100,
+    lr_repeats: Annotated[
+        int,
+        typer.Option(
+            "--lr-repeats", help="Range tests over different seeds (the spread of the suggestion)."
+        ),
+    ] = 3,
+    noise_steps: Annotated[
+        int, typer.Option("--noise-steps", help="Training steps of the noise-scale measurement.")
+    ] = 200,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Also train at ×0.5, ×1 and ×2 the recommended batch and keep the best (seed 003).",
+        ),
+    ] = False,
+    verify_epochs: Annotated[
+        float, typer.Option("--verify-epochs", help="Epochs of each verification run.")
+    ] = 5.0,
+    time_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--time-budget", help="Seconds for the whole run: later phases shrink to fit."
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the HTML report and its JSON.")
+    ] = Path("batchpilot-report"),
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    fmt: FormatOpt = OutputFormat.table,
+    debug: DebugOpt = False,
+) -> None:
+    task = get_task(task_spec, example)
+    resolved = resolve_device(device)
+    options = TuneOptions(
+        device=str(resolved),
+        seed=seed,
+        world_size=world_size,
+        reference_batch=reference_batch,
+        lr=lr,
+        budget_bytes=parse_size(device_memory) if device_memory is not None else None,
+        margin=margin,
+        max_batch=max_batch,
+        throughput_steps=throughput_steps,
+        lr_steps=lr_steps,
+        lr_repeats=lr_repeats,
+        noise_steps=noise_steps,
+        verify=verify,
+        verify_epochs=verify_epochs,
+        time_budget_seconds=time_budget,
+    )
+    with progress() as bar:
+        result = tune(task, options, progress=_Bars(bar))
+    report = write_tune_report(result, out)
+    stderr().print(f"report: {report}")
+    data = result.to_dict()
+    data["report"] = str(report)
+    emit(fmt, data, lambda console: render_tune(console, result, report))
+
+
+def render_tune(console: Console, result: TuneResult, report: Path) -> None:
+    rec = result.recommendation
+    table = Table(title=f"batchpilot recommendation for {result.task.name}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    rows = [
+        ("global batch", str(rec.global_batch)),
+        (
+            "micro-batch × accumulation × devices",
+            f"{rec.micro_batch} × {rec.accumulation_steps} × {rec.world_size}",
+        ),
+        ("learning rate", f"{rec.lr:.4g} ({rec.lr_rule})"),
+    ]
+    if rec.betas is not None and rec.eps is not None:
+        rows.append(("Adam betas, eps", f"({rec.betas[0]:.4g}, {rec.betas[1]:.4g}), {rec.eps:.3g}"))
+    rows += [
+        ("warm-up", f"{rec.warmup_steps} steps ({rec.warmup_epochs:g} epochs)"),
+        ("steps per epoch", str(rec.steps_per_epoch)),
+    ]
+    if rec.expected_samples_per_second is not None:
+        rows.append(("expected samples/s", f"{rec.expected_samples_per_second:,.0f}"))
+    if rec.noise_scale is not None and rec.steps_to_target_ratio is not None:
+        rows.append(("gradient noise scale", f"{rec.noise_scale:,.0f}"))
+        rows.append(("steps to target vs minimum", f"{rec.steps_to_target_ratio:.2f}×"))
+    rows.append(("batch bound by", rec.bound_by))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    for reason in rec.reasons:
+        console.print(f"• {reason}")
+    for advice in rec.warnings:
+        console.print(f"[yellow]warning ({advice.code}):[/yellow] {advice.message}")
+    if result.verification is not None:
+        verification = result.verification
+        check = Table(
+            title=f"verification: {verification.epochs:.2g} epochs each (seed 003's ×0.5 / ×2)"
+        )
+        for column in ("global batch", "lr", "steps", "val loss", "metric", "seconds"):
+            check.add_column(column, justify="right")
+        for run in verification.runs:
+            mark = " ← best" if run.global_batch == verification.best_batch else ""
+            check.add_row(
+                f"{run.global_batch}{mark}",
+                f"{run.lr:.3g}",
+                str(run.steps),
+                "-" if run.score is None else f"{run.score:.4f}",
+                "-" if run.metric is None else f"{run.metric:.4f}",
+                f"{run.seconds:.1f}",
+            )
+        console.print(check)
+    for note in result.notes:
+        console.print(f"note: {note}")
+    console.print(f"took {result.phase_seconds.get('total', 0):.1f} s; report: {report}")

@@ -1,0 +1,328 @@
+"""Goodput: which global batch trains fastest, from the noise scale and the throughput curve.
+
+A bigger batch processes more samples per second but each sample buys less progress once the batch
+passes the gradient noise scale ``B_noise`` (McCandlish et al. 2018, arXiv 1812.06162):
+
+- steps to a target relative to the fewest possible: ``S(B) / S_min = 1 + B_noise / B``;
+- samples to a target relative to the fewest possible: ``E(B) / E_min = 1 + B / B_noise``;
+- statistical efficiency relative to a batch ``B0`` (Pollux, OSDI'21):
+  ``E(B) = (B_noise + B0) / (B_noise + B)``, 1 at ``B0``;
+- goodput ``= throughput(B) × E(B)``: progress per second in samples at ``B0``. The batch that
+  maximises it reaches the target soonest in wall-clock time.
+
+The throughput curve is a plain sequence of ``(micro_batch, samples_per_second)`` pairs, or any
+object with ``samples_per_second_at(micro_batch)``. A global batch is realised as
+micro-batch × accumulation steps × world size with the fastest micro-batch that divides it.
+
+>>> round(statistical_efficiency(256, noise_scale=100.0, base_batch=32), 4)
+0.3708
+>>> steps_to_target_ratio(100, noise_scale=100.0)
+2.0
+>>> plan = plan_goodput([(16, 800.0), (64, 2400.0), (256, 3000.0)], noise_scale=100.0,
+...                     base_batch=16, batches=[16, 64, 256, 1024])
+>>> plan.recommended.global_batch, plan.recommended.micro_batch
+(64, 64)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from itertools import pairwise
+from typing import Any, Protocol, runtime_checkable
+
+from batchpilot.errors import BadInputError
+from batchpilot.scaling import check_positive_int
+
+
+@runtime_checkable
+class SupportsThroughput(Protocol):
+    """Anything that says how many samples per second a micro-batch trains at."""
+
+    def samples_per_second_at(self, batch: int) -> float: ...
+
+
+Throughput = SupportsThroughput | Sequence[tuple[int, float]] | Sequence[Sequence[float]]
+
+
+def _check_noise_scale(noise_scale: float) -> float:
+    if isinstance(noise_scale, bool) or not isinstance(noise_scale, int | float):
+        raise BadInputError(f"noise_scale: expected a positive number, got {noise_scale!r}")
+    if math.isnan(noise_scale) or noise_scale <= 0:
+        raise BadInputError(f"noise_scale: expected a positive number, got {noise_scale!r}")
+    return float(noise_scale)
+
+
+def _check_batch(name: str, batch: float) -> float:
+    if isinstance(batch, bool) or not isinstance(batch, int | float) or not batch > 0:
+        raise BadInputError(f"{name}: expected a positive number, got {batch!r}")
+    return float(batch)
+
+
+def statistical_efficiency(batch: float, *, noise_scale: float, base_batch: float) -> float:
+    """Progress per sample at ``batch`` relative to ``base_batch``: ``(B_noise + B0)/(B_noise + B)``.
+
+    An infinite noise scale (pure noise, or a signal not yet measurable) makes every sample count
+    the same.
+
+    >>> statistical_efficiency(64, noise_scale=64.0, base_batch=64)
+    1.0
+    """
+    batch = _check_batch("batch", batch)
+    base_batch = _check_batch("base_batch", base_batch)
+    noise_scale = _check_noise_scale(noise_scale)
+    if math.isinf(noise_scale):
+        return 1.0
+    return (noise_scale + base_batch) / (noise_scale + batch)
+
+
+def steps_to_target_ratio(batch: float, *, noise_scale: float) -> float:
+    """``S(B) / S_min = 1 + B_noise / B``: how many more steps than the fewest possible.
+
+    >>> steps_to_target_ratio(1000, noise_scale=10.0)
+    1.01
+    """
+    batch = _check_batch("batch", batch)
+    return 1.0 + _check_noise_scale(noise_scale) / batch
+
+
+def samples_to_target_ratio(batch: float, *, noise_scale: float) -> float:
+    """``E(B) / E_min = 1 + B / B_noise``: how many more samples than the fewest possible.
+
+    >>> samples_to_target_ratio(10, noise_scale=10.0)
+    2.0
+    """
+    batch = _check_batch("batch", batch)
+    return 1.0 + batch / _check_noise_scale(noise_scale)
+
+
+@dataclass(frozen=True)
+class GoodputPoint:
+    """One global batch: how it is realised, how fast it runs, how much each sample is worth."""
+
+    global_batch: int
+    micro_batch: int
+    accumulation_steps: int
+    world_size: int
+    samples_per_second: float
+    efficiency: float
+    goodput: float
+    steps_ratio: float
+
+
+@dataclass(frozen=True)
+class GoodputPlan:
+    """Goodput over candidate global batches and the one that maximises it."""
+
+    noise_scale: float
+    base_batch: int
+    world_size: int
+    points: tuple[GoodputPoint, ...]
+    recommended: GoodputPoint
+
+    @property
+    def recommended_batch(self) -> int:
+        return self.recommended.global_batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "noise_scale": self.noise_scale,
+            "base_batch": self.base_batch,
+            "world_size": self.world_size,
+            "recommended_batch": self.recommended_batch,
+            "recommended": asdict(self.recommended),
+            "points": [asdict(point) for point in self.points],
+        }
+
+
+class _PairCurve:
+    """Samples per second between measured micro-batches, interpolated in log-log space.
+
+    Below the smallest measured batch the step time is taken as constant (small batches are bound
+    by fixed per-step costs); above the largest nothing is assumed.
+    """
+
+    def __init__(self, pairs: Iterable[Sequence[float]]) -> None:
+        points: dict[int, float] = {}
+        for pair in pairs:
+            if len(pair) < 2:
+                raise BadInputError(
+                    f"throughput: expected (batch, samples_per_second) pairs, got {pair!r}"
+                )
+            batch, speed = pair[0], pair[1]
+            if isinstance(batch, float) and batch.is_integer():
+                batch = int(batch)
+            check_positive_int("throughput batch", batch)  # type: ignore[arg-type]
+            if not (isinstance(speed, int | float) and math.isfinite(speed) and speed > 0):
+                raise BadInputError(
+                    f"throughput: samples_per_second at batch {batch} must be a positive "
+                    f"number, got {speed!r}"
+                )
+            points[int(batch)] = float(speed)
+        if not points:
+            raise BadInputError("throughput: expected at least one (batch, samples_per_second)")
+        self.measured = points
+        self.batches = sorted(points)
+        self.speeds = [points[b] for b in self.batches]
+
+    def samples_per_second_at(self, batch: int) -> float:
+        if batch in self.measured:
+            return self.measured[batch]
+        batches, speeds = self.batches, self.speeds
+        if batch > batches[-1]:
+            raise BadInputError(
+                f"batch: {batch} is above the largest measured micro-batch {batches[-1]}"
+            )
+        if batch <= batches[0]:
+            return speeds[0] * batch / batches[0]
+        for (b0, s0), (b1, s1) in pairwise(zip(batches, speeds, strict=True)):
+            if b0 <= batch <= b1:
+                t = math.log(batch / b0) / math.log(b1 / b0)
+                return math.exp(math.log(s0) + t * math.log(s1 / s0))
+        return speeds[-1]  # pragma: no cover  (batch == batches[-1] is caught by the loop)
+
+
+def _as_curve(throughput: Throughput) -> tuple[SupportsThroughput, list[int]]:
+    """The curve and the micro-batches it was measured at (when known)."""
+    if isinstance(throughput, SupportsThroughput):
+        points = getattr(throughput, "points", None) or ()
+        measured = sorted({int(getattr(p, "batch", None) or p[0]) for p in points})
+        return throughput, measured
+    if isinstance(throughput, str | bytes) or not isinstance(throughput, Sequence):
+        raise BadInputError(
+            "throughput: expected (batch, samples_per_second) pairs or an object with "
+            f"samples_per_second_at(batch), got {type(throughput).__name__}"
+        )
+    curve = _PairCurve(throughput)
+    return curve, list(curve.batches)
+
+
+def _divisors(n: int) -> list[int]:
+    small, large = [], []
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            small.append(d)
+            if d != n // d:
+                large.append(n // d)
+    return small + large[::-1]
+
+
+def plan_goodput(
+    throughput: Throughput,
+    *,
+    noise_scale: float,
+    base_batch: int,
+    batches: Iterable[int] | None = None,
+    max_batch: int | None = None,
+    max_micro_batch: int | None = None,
+    world_size: int = 1,
+) -> GoodputPlan:
+    """Goodput of candidate global batches and the recommended one.
+
+    Args:
+        throughput: samples per second per device at a micro-batch, as ``(batch,
+            samples_per_second)`` pairs or an object with ``samples_per_second_at(batch)``.
+        noise_scale: the gradient noise scale ``B_noise`` (``inf`` allowed: no statistical cost).
+        base_batch: the batch ``B0`` at which efficiency is 1 (where the lr was chosen).
+        batches: global batches to consider; default powers of two from the smallest measured
+            micro-batch (× world size) to ``max_batch``, plus the measured batches and ``base_batch``.
+        max_batch: the largest global batch to consider (e.g. the dataset size); default 64× the
+            largest measured micro-batch × world size.
+        max_micro_batch: the largest micro-batch that fits a device; default the largest measured.
+        world_size: data-parallel devices; each runs the micro-batch at the measured speed.
+
+    Accumulation steps are taken to cost nothing beyond their micro-batches (the optimizer step's
+    share is ignored), and devices to scale perfectly.
+    """
+    noise_scale = _check_noise_scale(noise_scale)
+    check_positive_int("base_batch", base_batch)
+    check_positive_int("world_size", world_size)
+    curve, measured = _as_curve(throughput)
+    if max_micro_batch is None:
+        if not measured:
+            raise BadInputError(
+                "max_micro_batch: give it when the throughput curve does not list its points"
+            )
+        max_micro_batch = measured[-1]
+    check_positive_int("max_micro_batch", max_micro_batch)
+    if max_batch is None:
+        max_batch = 64 * max_micro_batch * world_size
+    check_positive_int("max_batch", max_batch)
+    if batches is None:
+        smallest = (measured[0] if measured else 1) * world_size
+        candidates = {base_batch, *(b * world_size for b in measured)}
+        power = 1
+        while power <= max_batch:
+            if power >= smallest:
+                candidates.add(power)
+            power *= 2
+        batches = sorted(b for b in candidates if b <= max_batch)
+    else:
+        batches = sorted({check_positive_int("batches", b) for b in batches})
+    points = []
+    for global_batch in batches:
+        point = _best_split(
+            curve, global_batch, noise_scale, base_batch, max_micro_batch, world_size
+        )
+        if point is not None:
+            points.append(point)
+    if not points:
+        raise BadInputError(
+            f"batches: none of {batches} can be split into a micro-batch ≤ {max_micro_batch} "
+            f"× accumulation × world size {world_size}"
+        )
+    # Ties go to the smaller batch: same speed, more updates, less memory.
+    recommended = max(points, key=lambda p: (p.goodput, -p.global_batch))
+    return GoodputPlan(noise_scale, base_batch, world_size, tuple(points), recommended)
+
+
+def _best_split(
+    curve: SupportsThroughput,
+    global_batch: int,
+    noise_scale: float,
+    base_batch: int,
+    max_micro_batch: int,
+    world_size: int,
+) -> GoodputPoint | None:
+    if global_batch % world_size:
+        return None
+    per_device = global_batch // world_size
+    best: tuple[float, int] | None = None
+    for micro in _divisors(per_device):
+        if micro > max_micro_batch:
+            break
+        try:
+            speed = float(curve.samples_per_second_at(micro))
+        except (BadInputError, ValueError):
+            continue  # outside what the curve knows
+        if math.isfinite(speed) and speed > 0 and (best is None or speed > best[0]):
+            best = (speed, micro)
+    if best is None:
+        return None
+    speed, micro = best
+    samples_per_second = speed * world_size
+    efficiency = statistical_efficiency(
+        global_batch, noise_scale=noise_scale, base_batch=base_batch
+    )
+    return GoodputPoint(
+        global_batch=global_batch,
+        micro_batch=micro,
+        accumulation_steps=per_device // micro,
+        world_size=world_size,
+        samples_per_second=samples_per_second,
+        efficiency=efficiency,
+        goodput=samples_per_second * efficiency,
+        steps_ratio=steps_to_target_ratio(global_batch, noise_scale=noise_scale),
+    )
+
+
+__all__ = [
+    "GoodputPlan",
+    "GoodputPoint",
+    "SupportsThroughput",
+    "plan_goodput",
+    "samples_to_target_ratio",
+    "statistical_efficiency",
+    "steps_to_target_ratio",
+]

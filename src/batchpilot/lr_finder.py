@@ -1,0 +1,616 @@
+"""The learning-rate range test (Smith 2015/2017), done so its answer can be trusted.
+
+The lr grows from ``min_lr`` to ``max_lr`` (exponentially by default) over a fixed number of
+optimizer steps at the batch you train with (micro-batch × accumulation steps). Each step gives one
+point: the lr of the step and the training loss measured *after* it, on the next batch — the loss
+that lr produced (tools that pair a step's lr with the loss measured before it read every point one
+lr too high). Losses are per-sample means whatever the task's reduction, gradients are accumulated
+exactly as in :func:`batchpilot.training.train`, and every parameter group keeps its ratio to the
+first group's lr.
+
+The curve is smoothed by an exponential moving average debiased with the number of points averaged
+so far, so the first smoothed point equals the first loss (Lightning divides by ``1 - β^(k+1)`` with
+a ``k`` already counting the current point, and its first points read about half the true loss).
+The test stops when the smoothed loss exceeds ``divergence_factor`` × its best value, or the loss
+is not finite, and keeps the points before that step.
+
+The test is repeated ``repeats`` times with different seeds (model initialisation and data order);
+suggestions come from the mean curve (:mod:`batchpilot.lr_suggest`), and the spread of each rule's
+suggestion over the repeats says how sure the answer is.
+
+>>> from batchpilot.loading import load_task
+>>> result = find_lr(load_task(example="spiral"), micro_batch=10, steps=60, repeats=2)
+>>> len(result.runs), result.suggestion, result.message[:17]   # 60 steps are too few here
+(2, None, 'no descent found:')
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from batchpilot.devices import resolve_device
+from batchpilot.errors import BadInputError
+from batchpilot.lr_suggest import (
+    METHODS,
+    Method,
+    Spread,
+    check_method,
+    spread,
+    suggest,
+)
+from batchpilot.scaling import check_positive_float, check_positive_int
+from batchpilot.state import preserved, preserved_rng
+from batchpilot.task import Task
+from batchpilot.training import accumulate_gradients, micro_batches, train
+
+Mode = Literal["exponential", "linear"]
+MODES: tuple[Mode, ...] = ("exponential", "linear")
+
+# The moving average spans a tenth of the test whatever its length: β = 1 - 10/steps (0.9 for
+# 100 steps). Lightning's and fastai's fixed 0.98 averages over half of a 100-step test.
+SMOOTHING_WINDOW = 0.1
+# The rule behind `suggestion`; chosen by benchmarks/lr_find.py (see docs/lr-find.md).
+DEFAULT_METHOD: Method = "minimum_over_10"
+MIN_STEPS = 10
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class RangeRun:
+    """One range test: its seed, points, and what each rule suggests from it alone."""
+
+    seed: int
+    lrs: tuple[float, ...]
+    losses: tuple[float, ...]
+    smoothed: tuple[float, ...]
+    initial_loss: float
+    diverged_at: float | None
+    suggestions: dict[str, float | None]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "lrs": list(self.lrs),
+            "losses": list(self.losses),
+            "smoothed": list(self.smoothed),
+            "initial_loss": self.initial_loss,
+            "diverged_at": self.diverged_at,
+            "suggestions": dict(self.suggestions),
+            "seconds": self.seconds,
+        }
+
+
+@dataclass(frozen=True)
+class CandidateCheck:
+    """A short training run at one suggested lr."""
+
+    lr: float
+    methods: tuple[str, ...]
+    loss: float
+    metric: float | None
+    diverged: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "methods": list(self.methods),
+            "loss": self.loss,
+            "metric": self.metric,
+            "diverged": self.diverged,
+        }
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Which suggested lr reached the lowest loss after ``steps`` steps of real training.
+
+    ``split`` says whether ``loss`` is the final validation loss, or (a task without validation
+    data) the mean training loss of the last tenth of the steps.
+    """
+
+    steps: int
+    seed: int
+    split: str
+    candidates: tuple[CandidateCheck, ...]
+    best_lr: float | None
+    best_methods: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "seed": self.seed,
+            "split": self.split,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "best_lr": self.best_lr,
+            "best_methods": list(self.best_methods),
+        }
+
+
+@dataclass(frozen=True)
+class LRFinderResult:
+    """A range test over ``repeats`` seeds, the suggestions from the mean curve, and their spread.
+
+    ``lrs``, ``losses`` (raw, mean over repeats) and ``smoothed`` span the points every repeat
+    reached. ``suggestion`` is ``suggestions[method]``; ``None`` with ``message`` saying why when
+    the curve shows no descent. ``spread[rule]`` holds the median and quartiles, in lr, of that
+    rule's suggestions from the single repeats.
+    """
+
+    lrs: tuple[float, ...]
+    losses: tuple[float, ...]
+    smoothed: tuple[float, ...]
+    suggestion: float | None
+    method: str
+    suggestions: dict[str, float | None]
+    spread: dict[str, dict[str, float | None]]
+    message: str | None
+    notes: tuple[str, ...]
+    runs: tuple[RangeRun, ...]
+    micro_batch: int
+    accumulation_steps: int
+    global_batch: int
+    min_lr: float
+    max_lr: float
+    steps: int
+    mode: str
+    smoothing: float
+    divergence_factor: float
+    reduction: str
+    diverged_at: float | None
+    seconds: float
+    verification: Verification | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lrs": list(self.lrs),
+            "losses": list(self.losses),
+            "smoothed": list(self.smoothed),
+            "suggestion": self.suggestion,
+            "method": self.method,
+            "suggestions": dict(self.suggestions),
+            "spread": {name: dict(value) for name, value in self.spread.items()},
+            "message": self.message,
+            "notes": list(self.notes),
+            "micro_batch": self.micro_batch,
+            "accumulation_steps": self.accumulation_steps,
+            "global_batch": self.global_batch,
+            "min_lr": self.min_lr,
+            "max_lr": self.max_lr,
+            "steps": self.steps,
+            "mode": self.mode,
+            "smoothing": self.smoothing,
+            "divergence_factor": self.divergence_factor,
+            "reduction": self.reduction,
+            "diverged_at": self.diverged_at,
+            "seconds": self.seconds,
+            "runs": [run.to_dict() for run in self.runs],
+            "verification": None if self.verification is None else self.verification.to_dict(),
+        }
+
+
+def lr_schedule(min_lr: float, max_lr: float, steps: int, mode: str = "exponential") -> np.ndarray:
+    """The lr of each optimizer step, from ``min_lr`` to ``max_lr`` inclusive.
+
+    >>> lr_schedule(1e-3, 1e-1, 3).tolist()
+    [0.001, 0.01, 0.1]
+    >>> lr_schedule(0.1, 0.3, 3, "linear").tolist()
+    [0.1, 0.2, 0.3]
+    """
+    if mode == "exponential":
+        return np.asarray(np.geomspace(min_lr, max_lr, steps), dtype=float)
+    if mode == "linear":
+        return np.asarray(np.linspace(min_lr, max_lr, steps), dtype=float)
+    raise BadInputError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+
+
+def default_smoothing(steps: int) -> float:
+    """β of the moving average whose window is a tenth of a ``steps``-step test.
+
+    >>> default_smoothing(100), default_smoothing(1000)
+    (0.9, 0.99)
+    """
+    return max(0.0, 1.0 - 1.0 / (SMOOTHING_WINDOW * steps))
+
+
+def debiased_ema(values: Sequence[float] | np.ndarray, beta: float) -> np.ndarray:
+    """Exponential moving average started at zero and divided by ``1 - beta**k`` after ``k`` points.
+
+    The correction makes every point a weighted mean of the values so far, so a constant
+    sequence stays constant from its first point:
+
+    >>> debiased_ema([2.0, 2.0, 2.0], 0.9).tolist()
+    [2.0, 2.0, 2.0]
+    """
+    out = np.empty(len(values), dtype=float)
+    average = 0.0
+    for k, value in enumerate(values, start=1):
+        average = beta * average + (1.0 - beta) * float(value)
+        out[k - 1] = average / (1.0 - beta**k)
+    return out
+
+
+def find_lr(
+    task: Task,
+    *,
+    micro_batch: int,
+    accumulation_steps: int = 1,
+    min_lr: float = 1e-6,
+    max_lr: float = 10.0,
+    steps: int = 100,
+    mode: str = "exponential",
+    repeats: int = 3,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    divergence_factor: float = 4.0,
+    smoothing: float | None = None,
+    method: str = DEFAULT_METHOD,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    verify_steps: int | None = None,
+    on_step: ProgressFn | None = None,
+) -> LRFinderResult:
+    """Run the range test ``repeats`` times and suggest a learning rate.
+
+    By default every repeat builds a fresh model and optimizer from the task (seed ``seed + r``
+    for initialisation and data order) and the lr is the one passed to ``task.optimizer``.
+    With ``model`` (and optionally ``optimizer``, else one from the task), the test runs on that
+    model from its current state, on its device (``device`` is then ignored); the repeats differ
+    in data order; the lr is that of the optimizer's first parameter group; and afterwards model,
+    optimizer and RNG are restored bitwise from CPU snapshots (:func:`batchpilot.state.preserved`).
+
+    ``verify_steps`` trains a fresh model for that many steps at each distinct suggestion
+    (:func:`verify_suggestions`) and reports which reached the lowest loss.
+    ``smoothing`` is the β of the debiased moving average; by default ``1 - 10/steps``, a
+    window of a tenth of the test. ``on_step(done, total)`` is called after every optimizer step.
+    """
+    check_positive_int("micro_batch", micro_batch)
+    check_positive_int("accumulation_steps", accumulation_steps)
+    min_lr = check_positive_float("min_lr", min_lr)
+    max_lr = check_positive_float("max_lr", max_lr)
+    if max_lr <= min_lr:
+        raise BadInputError(f"max_lr: expected more than min_lr ({min_lr:g}), got {max_lr:g}")
+    check_positive_int("steps", steps)
+    if steps < MIN_STEPS:
+        raise BadInputError(f"steps: expected at least {MIN_STEPS} optimizer steps, got {steps}")
+    if mode not in MODES:
+        raise BadInputError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    check_positive_int("repeats", repeats)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise BadInputError(f"seed: expected an integer, got {seed!r}")
+    if not (isinstance(divergence_factor, int | float) and divergence_factor > 1.0):
+        raise BadInputError(
+            f"divergence_factor: expected a number above 1, got {divergence_factor!r}"
+        )
+    if smoothing is None:
+        smoothing = default_smoothing(steps)
+    if not (isinstance(smoothing, int | float) and 0.0 <= smoothing < 1.0):
+        raise BadInputError(f"smoothing: expected a number in [0, 1), got {smoothing!r}")
+    chosen = check_method(method)
+    if verify_steps is not None:
+        check_positive_int("verify_steps", verify_steps)
+    if micro_batch > task.train_size:
+        raise BadInputError(
+            f"micro_batch: {micro_batch} is larger than the training set ({task.train_size} samples)"
+        )
+    if optimizer is not None and model is None:
+        raise BadInputError("optimizer: give the model it optimizes too (model=...)")
+    if model is not None:
+        first = next(iter(model.parameters()), None)
+        if first is None:
+            raise BadInputError("model: it has no parameters to train")
+        run_device = first.device
+    else:
+        run_device = device if isinstance(device, torch.device) else resolve_device(device)
+
+    schedule = lr_schedule(min_lr, max_lr, steps, mode)
+    total = repeats * steps
+    start = time.perf_counter()
+    runs: list[RangeRun] = []
+    for r in range(repeats):
+
+        def progress(done: int, r: int = r) -> None:
+            if on_step is not None:
+                on_step(r * steps + done, total)
+
+        options = {
+            "schedule": schedule,
+            "micro_batch": micro_batch,
+            "accumulation_steps": accumulation_steps,
+            "seed": seed + r,
+            "device": run_device,
+            "beta": float(smoothing),
+            "divergence_factor": float(divergence_factor),
+            "progress": progress,
+        }
+        if model is None:
+            runs.append(_fresh_run(task, min_lr=min_lr, **options))  # type: ignore[arg-type]
+        else:
+            runs.append(_run_on(task, model, optimizer, min_lr=min_lr, **options))  # type: ignore[arg-type]
+        if on_step is not None:
+            on_step((r + 1) * steps, total)
+
+    points = min(len(run.losses) for run in runs)
+    lrs = schedule[:points]
+    losses = np.mean([run.losses[:points] for run in runs], axis=0) if points else np.array([])
+    smoothed = debiased_ema(losses, smoothing)
+    found = suggest(lrs, smoothed, losses=losses, smoothing=smoothing)
+    spreads = {name: spread([run.suggestions[name] for run in runs]) for name in METHODS}
+    diverged = [run.diverged_at for run in runs if run.diverged_at is not None]
+    result = LRFinderResult(
+        lrs=tuple(float(x) for x in lrs),
+        losses=tuple(float(x) for x in losses),
+        smoothed=tuple(float(x) for x in smoothed),
+        suggestion=found.values[chosen],
+        method=chosen,
+        suggestions=dict(found.values),
+        spread={name: value.to_dict() for name, value in spreads.items()},
+        message=found.message,
+        notes=_notes(found.values[chosen], spreads[chosen], runs, max_lr, chosen),
+        runs=tuple(runs),
+        micro_batch=micro_batch,
+        accumulation_steps=accumulation_steps,
+        global_batch=micro_batch * accumulation_steps,
+        min_lr=min_lr,
+        max_lr=max_lr,
+        steps=steps,
+        mode=mode,
+        smoothing=float(smoothing),
+        divergence_factor=float(divergence_factor),
+        reduction=task.reduction,
+        diverged_at=min(diverged) if diverged else None,
+        seconds=time.perf_counter() - start,
+    )
+    if verify_steps is None or result.suggestion is None:
+        return result
+    verification = verify_suggestions(
+        task,
+        result.suggestions,
+        micro_batch=micro_batch,
+        accumulation_steps=accumulation_steps,
+        steps=verify_steps,
+        seed=seed,
+        device=run_device,
+    )
+    return replace(result, verification=verification)
+
+
+def verify_suggestions(
+    task: Task,
+    suggestions: dict[str, float | None],
+    *,
+    micro_batch: int,
+    accumulation_steps: int = 1,
+    steps: int,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> Verification:
+    """Train a fresh model for ``steps`` steps at each distinct suggested lr; the lowest loss wins.
+
+    Every candidate trains from the same initialisation and data order (``seed``), so only the
+    lr differs. The loss is the final validation loss, or the mean training loss over the last
+    tenth of the steps when the task has no validation data; a diverged run scores infinity.
+    """
+    check_positive_int("steps", steps)
+    by_lr: dict[float, list[str]] = {}
+    for name, lr in suggestions.items():
+        if lr is not None:
+            by_lr.setdefault(float(lr), []).append(name)
+    checks: list[CandidateCheck] = []
+    for lr, names in sorted(by_lr.items()):
+        run = train(
+            task,
+            micro_batch=micro_batch,
+            accumulation_steps=accumulation_steps,
+            lr=lr,
+            steps=steps,
+            seed=seed,
+            device=device,
+        )
+        final = run.final
+        if run.diverged:
+            loss, metric = math.inf, None
+        elif final is not None:
+            loss, metric = final.loss, final.metric
+        else:
+            tail = run.train_losses[-max(1, len(run.train_losses) // 10) :]
+            loss, metric = float(np.mean(tail)), None
+        if not math.isfinite(loss):
+            loss = math.inf
+        checks.append(
+            CandidateCheck(lr, tuple(names), loss, metric, run.diverged or loss == math.inf)
+        )
+    finite = [c for c in checks if math.isfinite(c.loss)]
+    best = min(finite, key=lambda c: c.loss) if finite else None
+    return Verification(
+        steps=steps,
+        seed=seed,
+        split="val" if task.val_data is not None else "train",
+        candidates=tuple(checks),
+        best_lr=None if best is None else best.lr,
+        best_methods=() if best is None else best.methods,
+    )
+
+
+def _fresh_run(
+    task: Task, *, min_lr: float, seed: int, device: torch.device, **options: Any
+) -> RangeRun:
+    with preserved_rng():
+        torch.manual_seed(seed)
+        model = task.make_model(device)
+        optimizer = task.make_optimizer(model.parameters(), min_lr)
+        try:
+            # The factory's lr is min_lr: each group's ratio to it is kept all along the test.
+            ratios = [_group_lr(group) / min_lr for group in optimizer.param_groups]
+            return _range_run(task, model, optimizer, ratios, seed=seed, device=device, **options)
+        finally:
+            del model, optimizer
+            _free(device)
+
+
+def _run_on(
+    task: Task,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    min_lr: float,
+    seed: int,
+    device: torch.device,
+    **options: Any,
+) -> RangeRun:
+    with preserved(model, optimizer):
+        torch.manual_seed(seed)  # dropout draws; restored on exit with every other RNG stream
+        opt = task.make_optimizer(model.parameters(), min_lr) if optimizer is None else optimizer
+        # The lr is the first group's (for a factory-made optimizer: the factory's lr).
+        reference = min_lr if optimizer is None else _group_lr(opt.param_groups[0])
+        if reference <= 0:
+            raise BadInputError(
+                f"optimizer: the first parameter group's lr must be positive, got {reference!r}"
+            )
+        ratios = [_group_lr(group) / reference for group in opt.param_groups]
+        try:
+            return _range_run(task, model, opt, ratios, seed=seed, device=device, **options)
+        finally:
+            del opt
+            _free(device)
+
+
+def _range_run(
+    task: Task,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ratios: list[float],
+    *,
+    schedule: np.ndarray,
+    micro_batch: int,
+    accumulation_steps: int,
+    seed: int,
+    device: torch.device,
+    beta: float,
+    divergence_factor: float,
+    progress: Callable[[int], None],
+) -> RangeRun:
+    start = time.perf_counter()
+    source = micro_batches(task, micro_batch, seed=seed)
+
+    def forward_backward() -> float:
+        model.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
+        batches = [next(source) for _ in range(accumulation_steps)]
+        return accumulate_gradients(task, model, batches, device=device)
+
+    model.train()
+    initial = forward_backward()
+    if not math.isfinite(initial):
+        raise BadInputError(
+            f"Task.loss(model, batch): the loss before the first step is {initial}, not finite"
+        )
+    lrs: list[float] = []
+    losses: list[float] = []
+    smoothed: list[float] = []
+    average, best = 0.0, math.inf
+    diverged_at: float | None = None
+    for step, lr in enumerate(schedule):
+        for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
+            _set_group_lr(group, float(lr) * ratio)
+        optimizer.step()
+        # The loss after this step (on the next batch) is the point for this step's lr; its
+        # gradients drive the next step.
+        loss = forward_backward()
+        progress(step + 1)
+        if not math.isfinite(loss):
+            diverged_at = float(lr)
+            break
+        average = beta * average + (1.0 - beta) * loss
+        value = average / (1.0 - beta ** (len(losses) + 1))
+        if best > 0 and value > divergence_factor * best:
+            diverged_at = float(lr)
+            break
+        best = min(best, value)
+        lrs.append(float(lr))
+        losses.append(loss)
+        smoothed.append(value)
+    model.zero_grad(set_to_none=True)
+    found = suggest(lrs, smoothed, losses=losses, smoothing=beta) if lrs else None
+    return RangeRun(
+        seed=seed,
+        lrs=tuple(lrs),
+        losses=tuple(losses),
+        smoothed=tuple(smoothed),
+        initial_loss=initial,
+        diverged_at=diverged_at,
+        suggestions=dict(found.values) if found else dict.fromkeys(METHODS, None),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _group_lr(group: dict[str, Any]) -> float:
+    lr = group["lr"]
+    return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+
+
+def _set_group_lr(group: dict[str, Any], lr: float) -> None:
+    # A tensor lr (capturable / fused optimizers) is updated in place so captured graphs see it.
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _notes(
+    suggestion: float | None,
+    spread_: Spread,
+    runs: Sequence[RangeRun],
+    max_lr: float,
+    method: str,
+) -> tuple[str, ...]:
+    notes: list[str] = []
+    if all(run.diverged_at is None for run in runs):
+        notes.append(
+            f"the loss did not diverge up to max_lr {max_lr:g}: the curve may not show the "
+            "whole descent; raise max_lr to see where training breaks down"
+        )
+    if (
+        suggestion is not None
+        and spread_.q1 is not None
+        and spread_.q3 is not None
+        and spread_.q1 > 0
+        and spread_.q3 / spread_.q1 > 3.0
+    ):
+        notes.append(
+            f"the {method} suggestion varies by ×{spread_.q3 / spread_.q1:.1f} (q3/q1) between "
+            "repeats: add repeats or use a larger batch before trusting one value"
+        )
+    return tuple(notes)
+
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "MODES",
+    "SMOOTHING_WINDOW",
+    "CandidateCheck",
+    "LRFinderResult",
+    "RangeRun",
+    "Verification",
+    "debiased_ema",
+    "default_smoothing",
+    "find_lr",
+    "lr_schedule",
+    "verify_suggestions",
+]

@@ -1,0 +1,875 @@
+"""The gradient noise scale (McCandlish et al. 2018, arXiv 1812.06162), measured during training.
+
+The expected squared norm of a batch gradient is ``E|G_b|² = |G|² + tr(Σ)/b``. Seeing gradients at
+two batch sizes ``b < B`` in the same step — each micro-batch's and their mean, or each rank's and
+the all-reduced one — gives unbiased estimates of the true gradient's squared norm ``|G|²`` and of
+the per-sample covariance's trace ``tr(Σ)``, with no extra backward pass. Both are kept as separate
+bias-corrected exponential moving averages; the simple noise scale ``B_simple = tr(Σ) / |G|²`` is
+their ratio (never an average of per-step ratios, which is biased and often infinite).
+
+:class:`GradientNoiseScale` observes any training loop::
+
+    noise = GradientNoiseScale(model)
+    for step in range(steps):
+        optimizer.zero_grad()
+        for micro in micro_batches:                    # your gradient accumulation
+            (loss_fn(model, micro) / len(micro_batches)).backward()
+            noise.record_micro_batch(batch_size=len(micro))
+        noise.finish_step()                            # before clipping and optimizer.step()
+        optimizer.step()
+    print(noise.estimate().noise_scale)
+
+Under DDP, wrap the model first and pass the wrapper: each rank's gradient is the small batch and
+the all-reduced gradient the big one (``noise.finish_step(batch_size=local_batch)`` once per step).
+:func:`measure_noise_scale` trains a fresh model of a task and returns the estimate over training.
+
+>>> g2, trace = unbiased_moments(1.0 + 20.0 / 8, 1.0 + 20.0 / 32, small_batch=8, big_batch=32)
+>>> round(g2, 6), round(trace, 6)
+(1.0, 20.0)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors
+from torch.nn.parallel import DistributedDataParallel
+
+from batchpilot.data import batch_size as samples_in
+from batchpilot.data import to_device
+from batchpilot.errors import BadInputError
+from batchpilot.scaling import check_positive_float, check_positive_int
+from batchpilot.state import preserved_rng
+from batchpilot.task import Task
+from batchpilot.training import micro_batches as micro_batch_source
+
+Reduction = Literal["mean", "sum"]
+
+# Per-step values wait on the device and are read back in groups: one host sync per flush, not
+# one per step (on CUDA a sync stalls the pipeline).
+_FLUSH_EVERY = 32
+DEFAULT_EMA_DECAY = 0.95
+DEFAULT_BLOCK_STEPS = 5
+
+
+class NoiseScaleWarning(UserWarning):
+    """The noise-scale measurement may not describe the computation the user trains with."""
+
+
+def unbiased_moments(
+    small_sq_norm: float, big_sq_norm: float, *, small_batch: float, big_batch: float
+) -> tuple[float, float]:
+    """Unbiased ``(|G|², tr(Σ))`` from squared gradient norms at two batch sizes.
+
+    ``|G|² = (B·|G_B|² − b·|G_b|²) / (B − b)`` and ``tr(Σ) = (|G_b|² − |G_B|²) / (1/b − 1/B)``.
+    The batches may be effective (harmonic-mean) sizes when the parts are unequal.
+
+    >>> unbiased_moments(3.0, 1.5, small_batch=4, big_batch=16)
+    (1.0, 8.0)
+    """
+    check_positive_float("small_batch", small_batch)
+    check_positive_float("big_batch", big_batch)
+    if big_batch <= small_batch:
+        raise BadInputError(
+            f"big_batch: expected more than small_batch ({small_batch:g}), got {big_batch:g}"
+        )
+    inv_small, inv_big = 1.0 / small_batch, 1.0 / big_batch
+    return _moments(small_sq_norm, big_sq_norm, inv_small, inv_big)
+
+
+def _moments(small_sq: Any, big_sq: Any, inv_small: Any, inv_big: Any) -> tuple[Any, Any]:
+    # Written on 1/b so that it works on floats and on device tensors alike.
+    gap = inv_small - inv_big
+    return (big_sq * inv_small - small_sq * inv_big) / gap, (small_sq - big_sq) / gap
+
+
+def ratio_interval(
+    gradient_sq_norms: Sequence[float],
+    traces: Sequence[float],
+    *,
+    ema_decay: float,
+    block_steps: int,
+    z: float = 1.96,
+) -> tuple[float, tuple[float, float]]:
+    """The EMA ratio ``Σ w·tr / Σ w·|G|²`` and an interval for it from blocks of steps.
+
+    The bias-corrected EMAs of both series share their weights ``w_t = decay^(n−1−t)``, so their
+    ratio is a weighted ratio of sums. Its variance follows by linearisation, summing the residuals
+    ``w·(tr − R·|G|²)`` within blocks of ``block_steps`` consecutive steps so that correlation
+    between neighbouring steps widens the interval instead of being ignored. The interval is
+    ``R ± z·se``, cut at 0; it is unbounded above while the signal ``Σ w·|G|²`` cannot be told
+    apart from zero.
+
+    >>> estimate, (low, high) = ratio_interval([1.0, 1.2, 0.8, 1.0], [10.0, 9.0, 11.0, 10.0],
+    ...                                        ema_decay=1.0, block_steps=1)
+    >>> estimate, low < estimate < high
+    (10.0, True)
+    """
+    n = len(gradient_sq_norms)
+    if n != len(traces):
+        raise BadInputError(
+            f"traces: expected {n} values like gradient_sq_norms, got {len(traces)}"
+        )
+    if n == 0:
+        return math.nan, (math.nan, math.nan)
+    weights = [ema_decay ** (n - 1 - t) for t in range(n)]
+    signal = sum(w * g for w, g in zip(weights, gradient_sq_norms, strict=True))
+    noise = sum(w * s for w, s in zip(weights, traces, strict=True))
+    signal_se = _signal_se(gradient_sq_norms, weights, block_steps)
+    if signal <= z * signal_se:
+        # The signal cannot be told apart from zero: no upper bound; the lower one takes the
+        # largest signal still plausible.
+        plausible = signal + z * signal_se
+        low = max(0.0, noise / plausible) if plausible > 0 else 0.0
+        return (noise / signal if signal > 0 else math.inf), (low, math.inf)
+    ratio = noise / signal
+    variance = 0.0
+    for start in range(0, n, block_steps):
+        residual = sum(
+            weights[t] * (traces[t] - ratio * gradient_sq_norms[t])
+            for t in range(start, min(n, start + block_steps))
+        )
+        variance += residual * residual
+    se = math.sqrt(variance) / signal
+    return ratio, (max(0.0, ratio - z * se), ratio + z * se)
+
+
+def _signal_se(values: Sequence[float], weights: Sequence[float], block_steps: int) -> float:
+    total = sum(weights)
+    mean = sum(w * v for w, v in zip(weights, values, strict=True)) / total
+    variance = 0.0
+    for start in range(0, len(values), block_steps):
+        block = range(start, min(len(values), start + block_steps))
+        residual = sum(weights[t] * (values[t] - mean) for t in block)
+        variance += residual * residual
+    return math.sqrt(variance)
+
+
+@dataclass(frozen=True)
+class NoiseScaleEstimate:
+    """The estimate after the steps seen so far.
+
+    ``noise_scale`` is ``B_simple = tr(Σ)/|G|²`` in samples (``inf`` while the gradient's signal is
+    not yet distinguishable from its noise); the interval is an approximate 95% interval.
+    """
+
+    noise_scale: float
+    noise_scale_interval: tuple[float, float]
+    gradient_sq_norm: float
+    trace_covariance: float
+    steps: int
+    skipped_steps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["noise_scale_interval"] = list(self.noise_scale_interval)
+        return data
+
+
+@dataclass(frozen=True)
+class NoiseScalePoint:
+    """The running estimate after optimizer step ``step`` (counted from 1)."""
+
+    step: int
+    noise_scale: float
+    gradient_sq_norm: float
+    trace_covariance: float
+
+
+class GradientNoiseScale:
+    """Tracks the gradient noise scale of a model over ordinary training steps.
+
+    Single process: call :meth:`record_micro_batch` after each micro-batch's backward (at least two
+    per step — the accumulation you already do, or the batch split in parts) and
+    :meth:`finish_step` after the last one. The difference between consecutive accumulated
+    ``.grad`` values is each micro-batch's gradient; one flat copy of the gradients is kept for it while the step accumulates.
+
+    Distributed: pass the :class:`~torch.nn.parallel.DistributedDataParallel` wrapper. A DDP
+    communication hook (the default all-reduce, plus the squared norm of each local bucket) sees
+    each rank's gradient before it is averaged; :meth:`finish_step` then adds one all-reduce of
+    three scalars, so every rank holds the same estimate. With gradient accumulation, use
+    ``no_sync()`` for all but the last micro-batch, as usual. A loop that averages gradients
+    itself (a plain model in a process group, or DDP under ``no_sync`` throughout) passes
+    ``distributed=True`` and calls :meth:`all_reduce_gradients` instead of all-reducing.
+
+    Args:
+        model: the model (or its DDP wrapper) whose parameters' ``.grad`` are observed.
+        reduction: ``"mean"`` if each micro-loss is a per-sample mean divided by the number of
+            micro-batches (or averaged over ranks by DDP), ``"sum"`` if micro-losses are sums.
+        ema_decay: decay per step of the moving averages of ``|G|²`` and ``tr(Σ)``.
+        block_steps: consecutive steps per block in the uncertainty estimate.
+        scaler: an AMP ``GradScaler`` whose loss scale is divided out of the norms.
+        dataset_size: the number of training samples, when batches are drawn without replacement
+            from a dataset not much larger than the batch (finite-population correction).
+        distributed: observe ranks instead of micro-batches; the default is on for a DDP model.
+        process_group: the group of the all-reduces (default: the DDP model's, else the world).
+        warn_batchnorm: warn once when BatchNorm in training mode normalises each micro-batch
+            on its own, so that micro-batching changes what the model computes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        reduction: Reduction = "mean",
+        ema_decay: float = DEFAULT_EMA_DECAY,
+        block_steps: int = DEFAULT_BLOCK_STEPS,
+        scaler: torch.amp.GradScaler | None = None,
+        dataset_size: int | None = None,
+        distributed: bool | None = None,
+        process_group: Any = None,
+        warn_batchnorm: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise BadInputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if reduction not in ("mean", "sum"):
+            raise BadInputError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+        if isinstance(ema_decay, bool) or not (
+            isinstance(ema_decay, float | int) and 0.0 < ema_decay < 1.0
+        ):
+            raise BadInputError(f"ema_decay: expected a number in (0, 1), got {ema_decay!r}")
+        check_positive_int("block_steps", block_steps)
+        if dataset_size is not None:
+            check_positive_int("dataset_size", dataset_size)
+        is_ddp = isinstance(model, DistributedDataParallel)
+        self.distributed = is_ddp if distributed is None else bool(distributed)
+        if self.distributed and not (dist.is_available() and dist.is_initialized()):
+            raise BadInputError(
+                "distributed: torch.distributed is not initialised; call init_process_group first"
+            )
+        self.reduction: Reduction = reduction
+        self.ema_decay = float(ema_decay)
+        self.block_steps = block_steps
+        self.scaler = scaler
+        self.dataset_size = dataset_size
+        self.warn_batchnorm = warn_batchnorm
+        self.warnings: list[str] = []
+        self._skipped = 0
+        self._model = model
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        if not self._params:
+            raise BadInputError("model: it has no parameters that require gradients")
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for index, param in enumerate(self._params):
+            groups.setdefault((param.device, param.dtype), []).append(index)
+        self._groups = list(groups.values())
+        self._group = process_group
+        if (
+            self.distributed
+            and process_group is None
+            and isinstance(model, DistributedDataParallel)
+        ):
+            self._group = model.process_group
+        # Within a step: the accumulated gradients at the last record, each part's gradient norm.
+        self._previous: list[torch.Tensor] | None = None
+        self._part_norms: list[torch.Tensor] = []
+        self._part_sizes: list[int] = []
+        self._local_sq: torch.Tensor | None = None
+        self._syncs = 0
+        # Per-step raw values wait on the device until read back together.
+        self._pending: list[tuple[int, torch.Tensor, tuple[Any, ...]]] = []
+        self._calls = 0
+        self._steps: list[int] = []
+        self._gradient_sq: list[float] = []
+        self._traces: list[float] = []
+        self._history: list[NoiseScalePoint] = []
+        self._ema = [0.0, 0.0]
+        self._warned: set[str] = set()
+        self._batchnorm_checked = False
+        if self.distributed and isinstance(model, DistributedDataParallel):
+            try:
+                # A lambda: DDP rejects hooks whose annotations are strings (postponed here).
+                model.register_comm_hook(
+                    state=None, hook=lambda state, bucket: self._comm_hook(state, bucket)
+                )
+            except RuntimeError as exc:
+                raise BadInputError(
+                    "model: this DDP model already has a communication hook; pass "
+                    "distributed=True with the inner model and call all_reduce_gradients() "
+                    f"instead ({exc})"
+                ) from exc
+
+    # ----------------------------------------------------------------- single process
+
+    def record_micro_batch(self, batch_size: int) -> None:
+        """Note the gradient of the micro-batch whose backward just ran (``batch_size`` samples)."""
+        check_positive_int("batch_size", batch_size)
+        if self.distributed:
+            raise BadInputError(
+                "record_micro_batch: in distributed mode a rank's batch is the small batch; "
+                "call finish_step(batch_size=...) once per step instead"
+            )
+        grads = self._gradients("record_micro_batch")
+        if grads[0].requires_grad:  # backward(create_graph=True): keep the copies off the graph
+            grads = [g.detach() for g in grads]
+        # One flat copy per (device, dtype) group: flattening is one call and the distance to the
+        # previous copy another, which keeps the cost per micro-batch low.
+        if len(self._groups) == 1:
+            current = [_flat_copy(grads)]
+        else:
+            current = [_flat_copy([grads[i] for i in group]) for group in self._groups]
+        previous = self._previous
+        if self._part_sizes and previous is not None:
+            norms = [_distance(new, old) for new, old in zip(current, previous, strict=True)]
+        else:
+            norms = [_norm(new) for new in current]
+        self._part_norms.append(norms[0] if len(norms) == 1 else _combine(norms))
+        self._part_sizes.append(batch_size)
+        self._previous = current
+
+    def _gradients(self, caller: str) -> list[torch.Tensor]:
+        grads = [p.grad for p in self._params]
+        if any(g is None for g in grads):
+            if all(g is None for g in grads):
+                raise BadInputError(
+                    f"{caller}: no parameter has a gradient; call it after backward()"
+                )
+            # A parameter not used so far in this step: its accumulated gradient is zero.
+            grads = [
+                torch.zeros_like(p) if g is None else g
+                for p, g in zip(self._params, grads, strict=True)
+            ]
+        if not self._part_sizes and any(g.is_sparse for g in grads):  # type: ignore[union-attr]
+            raise BadInputError(
+                f"{caller}: sparse gradients are not supported (an nn.Embedding with sparse=True?)"
+            )
+        return grads  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------- distributed
+
+    def _comm_hook(self, state: object, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+        buffer = bucket.buffer()
+        local = torch.linalg.vector_norm(buffer.detach(), dtype=torch.float32).square()
+        self._local_sq = local if self._local_sq is None else self._local_sq + local
+        if bucket.is_last():
+            self._syncs += 1
+        group = self._group if self._group is not None else dist.group.WORLD
+        buffer.div_(dist.get_world_size(group))
+        work = dist.all_reduce(buffer, group=group, async_op=True)
+        assert work is not None
+        return work.get_future().then(lambda fut: fut.value()[0])
+
+    def all_reduce_gradients(self) -> None:
+        """Average ``.grad`` over the ranks, after noting this rank's gradient (manual DDP)."""
+        if not self.distributed:
+            raise BadInputError("all_reduce_gradients: the estimator is not in distributed mode")
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            raise BadInputError("all_reduce_gradients: no parameter has a gradient yet")
+        self._local_sq = _total_norm(grads).square()
+        self._syncs += 1
+        group = self._group if self._group is not None else dist.group.WORLD
+        works = [dist.all_reduce(g, group=group, async_op=True) for g in grads]
+        for work in works:
+            assert work is not None
+            work.wait()
+        torch._foreach_div_(grads, float(dist.get_world_size(group)))
+
+    # ------------------------------------------------------------------------- steps
+
+    def finish_step(self, *, batch_size: int | None = None) -> None:
+        """Close the step: call after the last backward and before gradient clipping,
+        ``GradScaler.unscale_`` and ``optimizer.step()``.
+
+        In distributed mode ``batch_size`` is this rank's samples in the step (required).
+        """
+        self._calls += 1
+        try:
+            entry = self._distributed_entry(batch_size) if self.distributed else self._local_entry()
+        finally:
+            # The gradient copy lives only while a step accumulates.
+            self._previous, self._part_norms, self._part_sizes = None, [], []
+            self._local_sq, self._syncs = None, 0
+        if entry is not None:
+            self._pending.append((self._calls, *entry))
+        if len(self._pending) >= _FLUSH_EVERY:
+            self._flush()
+
+    def _local_entry(self) -> tuple[torch.Tensor, tuple[Any, ...]] | None:
+        if len(self._part_sizes) < 2:
+            self._warn_once(
+                "parts",
+                "the noise scale needs at least two micro-batches per step (gradient "
+                "accumulation or a split batch) or distributed training; steps with one are "
+                "not used",
+            )
+            return None
+        self._check_batchnorm()
+        assert self._previous is not None
+        # After the last micro-batch the copy holds the step's accumulated gradient.
+        big = [_norm(flat) for flat in self._previous]
+        norms = [*self._part_norms, big[0] if len(big) == 1 else _combine(big)]
+        values, scale = self._with_scale(norms)
+        return values, ("local", tuple(self._part_sizes), scale)
+
+    def _distributed_entry(
+        self, batch_size: int | None
+    ) -> tuple[torch.Tensor, tuple[Any, ...]] | None:
+        if batch_size is None:
+            raise BadInputError(
+                "batch_size: in distributed mode finish_step needs this rank's batch"
+            )
+        check_positive_int("batch_size", batch_size)
+        if self._local_sq is None:
+            raise BadInputError(
+                "finish_step: no rank gradient was seen this step; with a DDP model the "
+                "all-reduce must run (not under no_sync), otherwise call all_reduce_gradients()"
+            )
+        if self._syncs > 1:
+            self._warn_once(
+                "syncs",
+                "gradients were all-reduced more than once this step; use no_sync() for all but "
+                "the last micro-batch, or a rank's gradient mixes averaged and local parts",
+            )
+        group = self._group if self._group is not None else dist.group.WORLD
+        ranks = dist.get_world_size(group)
+        local_sq = (
+            self._local_sq.double() if self._local_sq.device.type == "cpu" else self._local_sq
+        )
+        if self.reduction == "sum":
+            local_sq = local_sq / batch_size**2
+        # The one collective the estimator adds: [Σ|g_r|², Σ 1/b_r, Σ b_r] over the ranks.
+        shared = torch.stack(
+            [local_sq, local_sq.new_tensor(1.0 / batch_size), local_sq.new_tensor(batch_size)]
+        )
+        dist.all_reduce(shared, group=group)
+        big = _total_norm([p.grad.detach() for p in self._params if p.grad is not None])
+        values, scale = self._with_scale([shared[0].sqrt(), big, shared[1], shared[2]])
+        return values, ("ranks", ranks, scale)
+
+    def _with_scale(self, values: list[torch.Tensor]) -> tuple[torch.Tensor, float | None]:
+        """Stack the step's values (with the AMP loss scale, when it is a device tensor)."""
+        scaler = self.scaler
+        scale: float | None = None
+        if scaler is not None and scaler.is_enabled():
+            current = getattr(scaler, "_scale", None)  # a device tensor: reading it needs no sync
+            if isinstance(current, torch.Tensor):
+                scale_value = current.detach().reshape(()).to(values[0].device, torch.float32)
+                values = [*values, scale_value]
+            else:
+                scale = float(scaler.get_scale())
+        try:
+            return torch.stack(values), scale
+        except RuntimeError:  # values on several devices
+            device = values[0].device
+            return torch.stack([v.to(device=device, dtype=torch.float32) for v in values]), scale
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        device = self._pending[0][1].device
+        flat = torch.cat([values.to(device) for _, values, _ in self._pending]).tolist()
+        offset = 0
+        for call, values, meta in self._pending:
+            row = flat[offset : offset + values.numel()]
+            offset += values.numel()
+            g2, trace = self._moments_of(row, meta)
+            if not (math.isfinite(g2) and math.isfinite(trace)):
+                self._skipped += 1  # an AMP overflow or a diverging step
+                continue
+            self._steps.append(call)
+            self._gradient_sq.append(g2)
+            self._traces.append(trace)
+            beta = self.ema_decay
+            self._ema = [
+                beta * self._ema[0] + (1 - beta) * g2,
+                beta * self._ema[1] + (1 - beta) * trace,
+            ]
+            correction = 1.0 - beta ** len(self._steps)
+            g2_ema, trace_ema = self._ema[0] / correction, self._ema[1] / correction
+            self._history.append(
+                NoiseScalePoint(call, _ratio(trace_ema, g2_ema), g2_ema, trace_ema)
+            )
+        self._pending = []
+
+    def _moments_of(self, row: list[float], meta: tuple[Any, ...]) -> tuple[float, float]:
+        """Unbiased (|G|², tr Σ) of one step from its read-back norms."""
+        kind, shape, scale = meta
+        if scale is None and len(row) > (len(shape) + 1 if kind == "local" else 4):
+            scale = row.pop()  # the loss scale travelled with the norms
+        try:
+            small_sq, big_sq, inv_small, inv_big = self._raw_moments(kind, shape, row, scale)
+        except (ZeroDivisionError, OverflowError):
+            return math.nan, math.nan
+        if not (inv_small > inv_big and math.isfinite(small_sq) and math.isfinite(big_sq)):
+            return math.nan, math.nan
+        return _moments(small_sq, big_sq, inv_small, inv_big)
+
+    def _raw_moments(
+        self, kind: str, shape: Any, row: list[float], scale: float | None
+    ) -> tuple[float, float, float, float]:
+        """``(|G_b|², |G_B|², 1/b, 1/B)`` in per-sample-mean units, the loss scale divided out."""
+        if kind == "local":
+            sizes = shape
+            parts = len(sizes)
+            part_sq = [n * n for n in row[:parts]]
+            big_sq = row[parts] ** 2
+            total = float(sum(sizes))
+            inv_small = sum(1.0 / b for b in sizes) / parts
+            if self.reduction == "mean":
+                # Each micro-loss was divided by the number of parts: undo it.
+                small_sq = parts**2 * sum(part_sq) / parts
+                inv_big = inv_small / parts
+            else:
+                small_sq = sum(sq / b**2 for sq, b in zip(part_sq, sizes, strict=True)) / parts
+                big_sq /= total**2
+                inv_big = 1.0 / total
+            harmonic = 1.0 / inv_small
+        else:
+            ranks = shape
+            local_sq, big_norm, inv_sum, total = row[0] ** 2, row[1], row[2], row[3]
+            small_sq, inv_small = local_sq / ranks, inv_sum / ranks
+            big_sq = big_norm**2
+            if self.reduction == "mean":
+                inv_big = inv_small / ranks
+            else:
+                # DDP averaged the ranks' sums: the global mean is ranks/B of that average.
+                big_sq *= ranks**2 / total**2
+                inv_big = 1.0 / total
+            harmonic = 1.0 / inv_small
+        if scale is not None:
+            small_sq /= scale**2
+            big_sq /= scale**2
+        if self.dataset_size is not None:
+            inv_small = _finite_population(harmonic, self.dataset_size)
+            inv_big = _finite_population(total, self.dataset_size)
+        return small_sq, big_sq, inv_small, inv_big
+
+    # ----------------------------------------------------------------------- results
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps left out of the estimate because a norm was not finite (AMP overflow)."""
+        self._flush()
+        return self._skipped
+
+    @property
+    def steps(self) -> int:
+        """Steps that entered the estimate so far."""
+        self._flush()
+        return len(self._steps)
+
+    @property
+    def history(self) -> tuple[NoiseScalePoint, ...]:
+        """The running estimate after every step that entered it."""
+        self._flush()
+        return tuple(self._history)
+
+    def estimate(self) -> NoiseScaleEstimate:
+        """The current estimate: bias-corrected EMAs of ``|G|²`` and ``tr(Σ)`` and their ratio."""
+        self._flush()
+        if not self._steps:
+            nan = math.nan
+            return NoiseScaleEstimate(nan, (nan, nan), nan, nan, 0, self._skipped)
+        _, interval = ratio_interval(
+            self._gradient_sq, self._traces, ema_decay=self.ema_decay, block_steps=self.block_steps
+        )
+        last = self._history[-1]
+        return NoiseScaleEstimate(
+            noise_scale=last.noise_scale,
+            noise_scale_interval=interval,
+            gradient_sq_norm=last.gradient_sq_norm,
+            trace_covariance=last.trace_covariance,
+            steps=len(self._steps),
+            skipped_steps=self._skipped,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the estimate in a resumed run."""
+        self._flush()
+        return {
+            "ema_decay": self.ema_decay,
+            "block_steps": self.block_steps,
+            "calls": self._calls,
+            "skipped_steps": self._skipped,
+            "steps": list(self._steps),
+            "gradient_sq_norms": list(self._gradient_sq),
+            "traces": list(self._traces),
+            "ema": list(self._ema),
+            "history": [asdict(point) for point in self._history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self._pending = []
+        self.ema_decay = float(state["ema_decay"])
+        self.block_steps = int(state["block_steps"])
+        self._calls = int(state["calls"])
+        self._skipped = int(state["skipped_steps"])
+        self._steps = [int(s) for s in state["steps"]]
+        self._gradient_sq = [float(v) for v in state["gradient_sq_norms"]]
+        self._traces = [float(v) for v in state["traces"]]
+        self._ema = [float(v) for v in state["ema"]]
+        self._history = [NoiseScalePoint(**point) for point in state["history"]]
+
+    def release(self) -> None:
+        """Free the gradient copy kept between micro-batches (a step in progress is dropped)."""
+        self._previous, self._part_norms, self._part_sizes = None, [], []
+
+    # ----------------------------------------------------------------------- helpers
+
+    def _check_batchnorm(self) -> None:
+        # Checked once: walking the modules every step would cost more than the estimate.
+        if not self.warn_batchnorm or self._batchnorm_checked:
+            return
+        self._batchnorm_checked = True
+        training_norms = [
+            name or type(module).__name__
+            for name, module in self._model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+        ]
+        if training_norms:
+            others = f" and {len(training_norms) - 1} more" if len(training_norms) > 1 else ""
+            self._warn_once(
+                "batchnorm",
+                f"BatchNorm in training mode (module {training_norms[0]!r}{others}) normalises "
+                "each micro-batch with its own statistics, so micro-batches do not compute what "
+                "the whole batch would: the noise scale describes training with BatchNorm over "
+                "micro-batches",
+            )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        self.warnings.append(message)
+        warnings.warn(message, NoiseScaleWarning, stacklevel=4)
+
+
+def _flat_copy(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if len(tensors) == 1:  # flattening one tensor returns a view, which backward would change
+        return tensors[0].detach().reshape(-1).clone()
+    return _flatten_dense_tensors(tensors)
+
+
+def _norm(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(tensor, dtype=torch.float32)
+
+
+def _distance(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    if current.dtype == torch.float32:
+        return torch.dist(current, previous)
+    if current.dtype == torch.float64:
+        return torch.dist(current, previous).float()
+    return _norm(current - previous)  # half precision: take the norm in float32
+
+
+def _total_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``tensors`` together, accumulated in float32 whatever their dtype."""
+    return _combine(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
+
+
+def _combine(norms: Sequence[torch.Tensor]) -> torch.Tensor:
+    try:
+        return torch.linalg.vector_norm(torch.stack(list(norms)))
+    except RuntimeError:  # parameters on several devices
+        device = norms[0].device
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
+
+def _finite_population(batch: float, dataset_size: int) -> float:
+    """``1/b · (N − b)/(N − 1)``: the variance factor of a mean of ``b`` of ``N`` samples drawn
+    without replacement (``1/b`` with replacement)."""
+    if dataset_size <= 1 or batch >= dataset_size:
+        return 0.0
+    return (dataset_size - batch) / (batch * (dataset_size - 1))
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else math.inf
+
+
+def critical_batch_over_run(history: Sequence[NoiseScalePoint], *, batch: int) -> float:
+    """The critical batch of a whole run at ``batch``, from the noise scale along it.
+
+    Locally ``S = S_min (1 + B_noise/B)``: a step at batch ``B`` makes ``1/(1 + B_noise/B)`` of the
+    progress of a step at an unlimited batch. Summed over the run, ``S_min = Σ 1/(1 + B_noise,t/B)``
+    and ``S = S_min (1 + B_crit/B)`` give ``B_crit = B (S/S_min − 1)``: the mean of the noise scale
+    weighted by progress (McCandlish et al. 2018, appendix D). It is what the steps-to-target of a
+    run predicts; the noise scale at the end of a run is larger, at the start smaller.
+
+    >>> points = [NoiseScalePoint(t, b, 1.0, b) for t, b in enumerate([10.0, 30.0], start=1)]
+    >>> round(critical_batch_over_run(points, batch=10), 3)
+    16.667
+    """
+    check_positive_int("batch", batch)
+    if not history:
+        return math.nan
+    # An infinite noise scale (no measurable signal) makes no progress: weight 0, B·w·B_n/B = B.
+    weights = [
+        0.0 if math.isinf(p.noise_scale) else 1.0 / (1.0 + p.noise_scale / batch) for p in history
+    ]
+    ideal_steps = sum(weights)
+    if ideal_steps <= 0:
+        return math.inf
+    return batch * (len(history) / ideal_steps - 1.0)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+@dataclass(frozen=True)
+class NoiseScaleResult:
+    """The noise scale measured during a short training run of a task."""
+
+    task: str
+    batch: int
+    micro_batch: int
+    micro_batches: int
+    lr: float
+    steps: int
+    noise_scale: float
+    noise_scale_interval: tuple[float, float]
+    critical_batch: float
+    gradient_sq_norm: float
+    trace_covariance: float
+    skipped_steps: int
+    history: tuple[NoiseScalePoint, ...]
+    train_losses: tuple[float, ...]
+    seconds: float
+    diverged: bool
+    warnings: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["noise_scale_interval"] = list(self.noise_scale_interval)
+        data["history"] = [asdict(point) for point in self.history]
+        data["train_losses"] = list(self.train_losses)
+        data["warnings"] = list(self.warnings)
+        return data
+
+
+def check_split(task: Task, *, batch: int, micro_batches: int) -> int:
+    """The micro-batch of ``batch`` split in ``micro_batches`` equal parts, or a one-line error.
+
+    >>> from batchpilot.loading import load_task
+    >>> check_split(load_task(example="xor4"), batch=16, micro_batches=4)
+    4
+    """
+    check_positive_int("batch", batch)
+    check_positive_int("micro_batches", micro_batches)
+    if micro_batches < 2:
+        raise BadInputError(
+            f"micro_batches: expected at least 2 (two batch sizes per step), got {micro_batches}"
+        )
+    if batch % micro_batches:
+        raise BadInputError(
+            f"batch: {batch} is not a multiple of micro_batches {micro_batches} "
+            f"(nearest: {batch // micro_batches * micro_batches or micro_batches})"
+        )
+    if batch > task.train_size:
+        raise BadInputError(
+            f"batch: {batch} is larger than the training set ({task.train_size} samples)"
+        )
+    return batch // micro_batches
+
+
+def measure_noise_scale(
+    task: Task,
+    *,
+    batch: int,
+    steps: int,
+    lr: float,
+    micro_batches: int = 4,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    ema_decay: float = DEFAULT_EMA_DECAY,
+    block_steps: int = DEFAULT_BLOCK_STEPS,
+    on_step: Callable[[int, float], None] | None = None,
+) -> NoiseScaleResult:
+    """Train a fresh model of ``task`` for ``steps`` steps at global ``batch`` and learning rate
+    ``lr``, splitting each batch into ``micro_batches`` equal micro-batches (accumulated, so the step
+    is the step at ``batch``), and return the noise scale measured along the way.
+
+    The run draws from ``seed`` and leaves the caller's RNG as it was. A non-finite loss stops it
+    (``diverged``). ``on_step(step, loss)`` is called after each step.
+    """
+    micro = check_split(task, batch=batch, micro_batches=micro_batches)
+    check_positive_int("steps", steps)
+    lr = check_positive_float("lr", lr)
+    device = torch.device(device)
+    with preserved_rng():
+        torch.manual_seed(seed)
+        model = task.make_model(device)
+        model.train()
+        optimizer = task.make_optimizer(model.parameters(), lr)
+        noise = GradientNoiseScale(
+            model,
+            reduction=task.reduction,
+            ema_decay=ema_decay,
+            block_steps=block_steps,
+            dataset_size=task.train_size,
+        )
+        source = micro_batch_source(task, micro, seed=seed)
+        losses: list[float] = []
+        diverged = False
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoiseScaleWarning)  # kept in the result instead
+            for step in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                total, samples = 0.0, 0
+                for _ in range(micro_batches):
+                    part = to_device(next(source), device)
+                    loss = task.compute_loss(model, part)
+                    (loss / micro_batches if task.reduction == "mean" else loss).backward()
+                    n = samples_in(part)
+                    noise.record_micro_batch(n)
+                    value = float(loss.detach())
+                    total += value * n if task.reduction == "mean" else value
+                    samples += n
+                mean_loss = total / samples
+                if not math.isfinite(mean_loss):
+                    diverged = True
+                    break
+                noise.finish_step()
+                optimizer.step()
+                losses.append(mean_loss)
+                if on_step is not None:
+                    on_step(step, mean_loss)
+        seconds = time.perf_counter() - start
+        estimate = noise.estimate()
+        history = noise.history
+        noise.release()
+        del model, optimizer
+    return NoiseScaleResult(
+        task=task.name,
+        batch=batch,
+        micro_batch=micro,
+        micro_batches=micro_batches,
+        lr=lr,
+        steps=len(losses),
+        noise_scale=estimate.noise_scale,
+        noise_scale_interval=estimate.noise_scale_interval,
+        critical_batch=critical_batch_over_run(history, batch=batch),
+        gradient_sq_norm=estimate.gradient_sq_norm,
+        trace_covariance=estimate.trace_covariance,
+        skipped_steps=estimate.skipped_steps,
+        history=history,
+        train_losses=tuple(losses),
+        seconds=seconds,
+        diverged=diverged,
+        warnings=tuple(noise.warnings),
+    )
+
+
+__all__ = [
+    "GradientNoiseScale",
+    "NoiseScaleEstimate",
+    "NoiseScalePoint",
+    "NoiseScaleResult",
+    "NoiseScaleWarning",
+    "check_split",
+    "critical_batch_over_run",
+    "measure_noise_scale",
+    "ratio_interval",
+    "unbiased_moments",
+]

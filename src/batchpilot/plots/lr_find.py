@@ -1,0 +1,92 @@
+"""The range-test curve with its suggestions marked: :func:`plot_lr_find`.
+
+>>> from batchpilot.loading import load_task
+>>> from batchpilot.lr_finder import find_lr
+>>> result = find_lr(load_task(example="spiral"), micro_batch=10, steps=40, repeats=2)
+>>> ax = plot_lr_find(result)
+>>> ax.get_xscale()
+'log'
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+
+from batchpilot.lr_finder import LRFinderResult
+
+_COLORS = {"steepest": "tab:red", "valley": "tab:green", "minimum_over_10": "tab:purple"}
+
+
+def plot_lr_find(result: LRFinderResult, ax: Axes | None = None) -> Axes:
+    """Loss against lr: each repeat's raw losses (faint), the smoothed mean curve, a vertical line
+    per suggestion (the default one solid, with its interquartile range over repeats shaded), and
+    where the test stopped on divergence."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4.5))
+    for run in result.runs:
+        ax.plot(run.lrs, run.losses, color="0.7", linewidth=0.7, alpha=0.6)
+    ax.plot([], [], color="0.7", linewidth=0.7, label=f"raw loss ({len(result.runs)} repeats)")
+    ax.plot(result.lrs, result.smoothed, color="tab:blue", linewidth=2.0, label="smoothed mean")
+    for name, lr in result.suggestions.items():
+        if lr is None:
+            continue
+        default = name == result.method
+        ax.axvline(
+            lr,
+            color=_COLORS.get(name, "black"),
+            linestyle="-" if default else "--",
+            linewidth=1.8 if default else 1.0,
+            label=f"{name}{' (suggestion)' if default else ''}: {lr:.3g}",
+        )
+    spread = result.spread.get(result.method, {})
+    q1, q3 = spread.get("q1"), spread.get("q3")
+    if result.suggestion is not None and q1 is not None and q3 is not None and q3 > q1:
+        ax.axvspan(
+            q1, q3, color=_COLORS.get(result.method, "black"), alpha=0.12, label="IQR over repeats"
+        )
+    if result.diverged_at is not None:
+        ax.axvline(
+            result.diverged_at, color="black", linestyle=":", linewidth=1.0, label="diverged"
+        )
+    if result.mode == "exponential":
+        ax.set_xscale("log")
+    ax.set_ylim(*_loss_limits(result))
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss (per sample)")
+    title = (
+        f"LR range test: batch {result.global_batch}"
+        + (
+            f" ({result.micro_batch} × {result.accumulation_steps})"
+            if result.accumulation_steps > 1
+            else ""
+        )
+        + f", {len(result.runs)} repeats"
+    )
+    ax.set_title(title)
+    if result.message:
+        ax.text(0.02, 0.02, "no descent found", transform=ax.transAxes, color="tab:red")
+    ax.legend(fontsize="small", loc="upper left")
+    ax.grid(True, which="both", alpha=0.2)
+    return ax
+
+
+def _loss_limits(result: LRFinderResult) -> tuple[float, float]:
+    """Keep the descent readable: the blow-up at the end is cut at 1.5 × the starting loss."""
+    values = np.array([v for run in result.runs for v in run.losses] + list(result.smoothed))
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return 0.0, 1.0
+    start = result.smoothed[0] if result.smoothed else float(values[0])
+    low = float(values.min())
+    high = min(float(values.max()), 1.5 * start if start > 0 else float(values.max()))
+    if not math.isfinite(high) or high <= low:
+        high = low + 1.0
+    margin = 0.05 * (high - low)
+    return low - margin, high + margin
+
+
+__all__ = ["plot_lr_find"]

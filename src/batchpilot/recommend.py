@@ -1,0 +1,340 @@
+"""From measurements to one recommendation: batch split, learning rate, warm-up, and why.
+
+Pure functions over plain numbers, so the rules can be read and tested on their own:
+
+- the global batch comes from goodput (throughput × statistical efficiency) when the noise scale is
+  known, else the throughput knee, always within what memory and the dataset allow;
+- the learning rate for that batch is the range test's lr at the reference batch, moved by
+  McCandlish et al.'s ε_opt(B) = ε_max / (1 + B_noise/B) for SGD-family optimizers (linear for
+  B ≪ B_noise, saturating beyond), or Malladi et al.'s square-root rule for Adam-family ones;
+- warm-up follows Goyal et al. (5 epochs) when the lr grows;
+- warnings follow the seeds and the literature (see :func:`advise`).
+
+>>> round(noise_aware_lr(0.1, ref_batch=32, batch=64, noise_scale=1e9), 6)
+0.2
+>>> round(noise_aware_lr(0.1, ref_batch=32, batch=64, noise_scale=32), 6)
+0.133333
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from batchpilot.goodput import Throughput, plan_goodput
+from batchpilot.scaling import (
+    GOYAL_WARMUP_EPOCHS,
+    BatchSplit,
+    check_positive_float,
+    check_positive_int,
+    scale_adam,
+    steps_per_epoch,
+    warmup_steps,
+)
+
+Bound = Literal["memory", "throughput knee", "noise scale", "dataset size"]
+
+__all__ = ["Advice", "Recommendation", "advise", "is_adam_family", "noise_aware_lr", "recommend"]
+
+# Below this many samples per device, BatchNorm statistics get noisy (Wu & He 2018, GroupNorm).
+BATCHNORM_MIN_PER_DEVICE = 16
+# Fewer optimizer steps per epoch than this and "epochs" stop being a useful unit of progress.
+MIN_STEPS_PER_EPOCH = 10
+# A noise scale measured at an lr this many times off the range test's is not trustworthy.
+LR_MISMATCH_FACTOR = 3.0
+
+
+def is_adam_family(optimizer_name: str) -> bool:
+    """Adam, AdamW, NAdam, RAdam, Adamax, and others that divide by a second moment."""
+    name = optimizer_name.lower()
+    return "adam" in name or name in ("adagrad", "rmsprop", "adafactor", "lamb", "lion")
+
+
+def noise_aware_lr(
+    ref_lr: float,
+    *,
+    ref_batch: int,
+    batch: int,
+    noise_scale: float | None,
+    reduction: str = "mean",
+) -> float:
+    """SGD lr for ``batch`` from one at ``ref_batch``: ε(B) ∝ 1 / (1 + B_noise/B).
+
+    McCandlish et al. (2018, eq. 2.6): linear scaling while B ≪ B_noise, no further gain beyond.
+    Without a noise scale this is the linear rule. A sum-reduced loss already scales the gradient
+    by B, so the mean-equivalent lr (lr · B) is scaled and converted back.
+    """
+    ref_lr = check_positive_float("ref_lr", ref_lr)
+    check_positive_int("ref_batch", ref_batch)
+    check_positive_int("batch", batch)
+    if noise_scale is None or not math.isfinite(noise_scale) or noise_scale <= 0:
+        factor = batch / ref_batch
+    else:
+        factor = (1.0 + noise_scale / ref_batch) / (1.0 + noise_scale / batch)
+    if reduction == "sum":
+        factor *= ref_batch / batch
+    return ref_lr * factor
+
+
+@dataclass(frozen=True)
+class Advice:
+    """A warning with the reason for it and what to do."""
+
+    code: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    micro_batch: int
+    accumulation_steps: int
+    world_size: int
+    global_batch: int
+    per_device_batch: int
+    lr: float
+    lr_rule: str
+    reference_batch: int
+    reference_lr: float
+    betas: tuple[float, float] | None
+    eps: float | None
+    warmup_steps: int
+    warmup_epochs: float
+    steps_per_epoch: int
+    expected_samples_per_second: float
+    steps_to_target_ratio: float | None
+    noise_scale: float | None
+    bound_by: Bound
+    reasons: tuple[str, ...]
+    warnings: tuple[Advice, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["betas"] = list(self.betas) if self.betas is not None else None
+        data["reasons"] = list(self.reasons)
+        data["warnings"] = [w.to_dict() for w in self.warnings]
+        return data
+
+
+def recommend(
+    *,
+    train_size: int,
+    max_micro_batch: int,
+    reference_batch: int,
+    reference_lr: float,
+    optimizer_name: str,
+    throughput: Throughput,
+    reduction: str = "mean",
+    world_size: int = 1,
+    noise_scale: float | None = None,
+    knee_batch: int | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    has_batchnorm: bool = False,
+    noise_lr: float | None = None,
+    max_global_batch: int | None = None,
+) -> Recommendation:
+    """Combine the phases' measurements into one recommendation with its reasons and warnings.
+
+    ``throughput`` is one device's samples/s per micro-batch (pairs or a curve object, see
+    :func:`batchpilot.goodput.plan_goodput`); the global batch maximises goodput over powers of two
+    up to the dataset size (or ``max_global_batch``).
+    """
+    check_positive_int("train_size", train_size)
+    check_positive_int("max_micro_batch", max_micro_batch)
+    check_positive_int("world_size", world_size)
+    reasons: list[str] = []
+    largest = min(max_global_batch or train_size, train_size)
+    plan = plan_goodput(
+        throughput,
+        noise_scale=noise_scale if noise_scale is not None else math.inf,
+        base_batch=reference_batch,
+        max_batch=max(largest, world_size),
+        max_micro_batch=max_micro_batch,
+        world_size=world_size,
+    )
+    chosen = plan.recommended
+    global_batch = chosen.global_batch
+    per_device = global_batch // world_size
+    split = BatchSplit(chosen.micro_batch, chosen.accumulation_steps, world_size)
+
+    bound: Bound
+    if global_batch * 2 > largest:
+        bound = "dataset size"
+        reasons.append(
+            f"The dataset has {train_size} samples: a batch of {global_batch * 2} would leave "
+            "less than one step per epoch."
+        )
+    elif split.accumulation_steps > 1 or per_device >= max_micro_batch:
+        bound = "memory"
+        reasons.append(
+            f"Memory holds at most {max_micro_batch} samples per micro-batch; a larger batch needs "
+            f"accumulation, which buys no speed."
+        )
+    elif noise_scale is not None and knee_batch is not None and per_device < knee_batch:
+        bound = "noise scale"
+        reasons.append(
+            f"The gradient noise scale is {noise_scale:.0f}: beyond a global batch of {global_batch} "
+            "the steps saved no longer pay for the extra samples (goodput falls), although the "
+            f"device would run faster up to micro-batch {knee_batch}."
+        )
+    else:
+        bound = "throughput knee" if knee_batch is not None else "noise scale"
+        if knee_batch is not None:
+            reasons.append(
+                f"Samples/s reach 90% of their best at micro-batch {knee_batch}: past the knee, "
+                "doubling the batch buys little speed."
+            )
+    if noise_scale is not None:
+        reasons.append(
+            f"Goodput = throughput × statistical efficiency E(B) = (B_noise + B0)/(B_noise + B) with "
+            f"B_noise = {noise_scale:.1f}, B0 = {reference_batch}: highest at global batch {global_batch}."
+        )
+    else:
+        reasons.append("No noise scale measured: the batch with the highest samples/s was taken.")
+
+    betas_out: tuple[float, float] | None = None
+    eps_out: float | None = None
+    if is_adam_family(optimizer_name):
+        adam = (
+            scale_adam(
+                reference_lr,
+                ref_batch=reference_batch,
+                batch=global_batch,
+                betas=betas,
+                eps=eps,
+                reduction=reduction,  # type: ignore[arg-type]
+            )
+            if global_batch <= reference_batch / (1 - max(betas))
+            else None
+        )
+        if adam is not None:
+            lr, betas_out, eps_out = adam.lr, adam.betas, adam.eps
+            rule = "adam"
+            reasons.append(
+                f"{optimizer_name} is Adam-family: lr × √κ (κ = {global_batch}/{reference_batch}) and "
+                "betas, eps rescaled (Malladi et al. 2022)."
+            )
+        else:
+            lr = reference_lr * math.sqrt(global_batch / reference_batch)
+            rule = "sqrt"
+            reasons.append(
+                "Adam's betas cannot follow so large a κ: lr scaled by √κ, betas left as they are."
+            )
+    else:
+        lr = noise_aware_lr(
+            reference_lr,
+            ref_batch=reference_batch,
+            batch=global_batch,
+            noise_scale=noise_scale,
+            reduction=reduction,
+        )
+        rule = "noise-aware linear" if noise_scale is not None else "linear"
+        reasons.append(
+            f"lr {reference_lr:.3g} worked at batch {reference_batch} (range test); "
+            + (
+                f"ε(B) ∝ 1/(1 + B_noise/B) (McCandlish et al. 2018) gives {lr:.3g} at {global_batch}."
+                if noise_scale is not None
+                else f"the linear rule (Goyal et al. 2017) gives {lr:.3g} at {global_batch}."
+            )
+        )
+    steps_epoch = steps_per_epoch(train_size, global_batch)
+    warm_epochs = GOYAL_WARMUP_EPOCHS if lr > reference_lr * 1.01 else 0.0
+    warm = warmup_steps(warm_epochs, steps_epoch)
+    if warm:
+        reasons.append(
+            f"Warm up from {reference_lr:.3g} to {lr:.3g} over {warm_epochs:g} epochs = {warm} steps "
+            "(Goyal et al. 2017)."
+        )
+    expected = chosen.samples_per_second
+    ratio = 1.0 + noise_scale / global_batch if noise_scale is not None else None
+    advice = advise(
+        has_batchnorm=has_batchnorm,
+        per_device_micro_batch=split.micro_batch,
+        reduction=reduction,
+        steps_in_epoch=steps_epoch,
+        train_size=train_size,
+        global_batch=global_batch,
+        noise_lr=noise_lr,
+        good_lr=reference_lr,
+    )
+    return Recommendation(
+        micro_batch=split.micro_batch,
+        accumulation_steps=split.accumulation_steps,
+        world_size=world_size,
+        global_batch=global_batch,
+        per_device_batch=per_device,
+        lr=lr,
+        lr_rule=rule,
+        reference_batch=reference_batch,
+        reference_lr=reference_lr,
+        betas=betas_out,
+        eps=eps_out,
+        warmup_steps=warm,
+        warmup_epochs=warm_epochs,
+        steps_per_epoch=steps_epoch,
+        expected_samples_per_second=expected,
+        steps_to_target_ratio=ratio,
+        noise_scale=noise_scale,
+        bound_by=bound,
+        reasons=tuple(reasons),
+        warnings=advice,
+    )
+
+
+def advise(
+    *,
+    has_batchnorm: bool,
+    per_device_micro_batch: int,
+    reduction: str,
+    steps_in_epoch: int,
+    train_size: int,
+    global_batch: int,
+    noise_lr: float | None,
+    good_lr: float | None,
+) -> tuple[Advice, ...]:
+    """The warnings the seeds and the literature call for; each fires only on its condition."""
+    found: list[Advice] = []
+    if has_batchnorm and per_device_micro_batch < BATCHNORM_MIN_PER_DEVICE:
+        found.append(
+            Advice(
+                "batchnorm-small-batch",
+                f"BatchNorm sees only {per_device_micro_batch} samples per forward pass (< "
+                f"{BATCHNORM_MIN_PER_DEVICE}): its statistics get noisy and accumulation does not help; "
+                "use SyncBatchNorm across devices or GroupNorm (Wu & He 2018).",
+            )
+        )
+    if reduction == "sum":
+        found.append(
+            Advice(
+                "sum-reduced-loss",
+                "The loss is a sum over the batch: its gradient grows with the batch, so the lr must "
+                "not be scaled up with it (it was converted here), and gradient clipping thresholds "
+                "change with the batch too.",
+            )
+        )
+    if steps_in_epoch < MIN_STEPS_PER_EPOCH:
+        found.append(
+            Advice(
+                "few-steps-per-epoch",
+                f"A global batch of {global_batch} is comparable to the {train_size}-sample dataset: "
+                f"only {steps_in_epoch} optimizer steps per epoch, so plan the run in steps, not epochs.",
+            )
+        )
+    if (
+        noise_lr is not None
+        and good_lr is not None
+        and (noise_lr > good_lr * LR_MISMATCH_FACTOR or noise_lr < good_lr / LR_MISMATCH_FACTOR)
+    ):
+        found.append(
+            Advice(
+                "noise-scale-lr-mismatch",
+                f"The noise scale was measured while training at lr {noise_lr:.3g}, more than "
+                f"{LR_MISMATCH_FACTOR:g}× away from the range test's {good_lr:.3g}: the noise scale "
+                "depends on where training is, so re-measure it at a good lr.",
+            )
+        )
+    return tuple(found)

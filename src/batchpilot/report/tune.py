@@ -1,0 +1,357 @@
+"""The ``tune`` report: every recommendation, every plot, and where every number came from."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from batchpilot.jsonio import to_json
+from batchpilot.plots.lr_find import plot_lr_find
+from batchpilot.plots.memory import plot_memory, plot_throughput
+from batchpilot.plots.noise import plot_goodput, plot_noise_history
+from batchpilot.report.html import Document, Figure, Section, Table, render_html
+from batchpilot.scaling import plan_scaling
+from batchpilot.tune import TuneResult
+
+FORMULAS = (
+    "Global batch = micro-batch × accumulation steps × world size; each micro-loss is divided by "
+    "the accumulation steps before backward.",
+    "Linear rule (Goyal et al. 2017, arXiv 1706.02677): lr = lr_ref · B/B_ref, warm-up over ~5 epochs.",
+    "Square-root rule for Adam (Malladi et al. 2022, arXiv 2205.10287), κ = B/B_ref: lr·√κ, "
+    "β → 1 − κ(1 − β), eps → eps/√κ.",
+    "Optimal SGD lr vs batch (McCandlish et al. 2018, arXiv 1812.06162): ε(B) = ε_max/(1 + B_noise/B).",
+    "Gradient noise scale: E|G_b|² = |G|² + tr(Σ)/b; from micro-batch (b) and step (B) gradients, "
+    "|G|² ≈ (B|G_B|² − b|G_b|²)/(B − b), tr(Σ) ≈ (|G_b|² − |G_B|²)/(1/b − 1/B); "
+    "B_simple = EMA(tr Σ)/EMA(|G|²).",
+    "Steps to a target: S(B)/S_min = 1 + B_noise/B.",
+    "Statistical efficiency (Pollux, OSDI'21): E(B) = (B_noise + B0)/(B_noise + B); "
+    "goodput(B) = samples/s(B) · E(B).",
+    "Memory model: peak(b) = fixed + per_sample · b, fitted to probes and checked by one real step.",
+)
+
+
+def _figure(draw: object, result: object, caption: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    draw(result, ax=ax)  # type: ignore[operator]
+    figure = Figure.from_matplotlib(fig, caption)
+    plt.close(fig)
+    return figure
+
+
+def build_tune_document(result: TuneResult) -> Document:
+    rec = result.recommendation
+    task = result.task
+    memory, throughput, lr_find, noise = (
+        result.memory,
+        result.throughput,
+        result.lr_find,
+        result.noise,
+    )
+    headline = (
+        f"Train {task.name} at global batch {rec.global_batch} (micro-batch {rec.micro_batch} × "
+        f"{rec.accumulation_steps} accumulation × {rec.world_size} devices) with lr {rec.lr:.4g}"
+        + (f" and a {rec.warmup_steps}-step warm-up" if rec.warmup_steps else "")
+        + f". The batch is bound by {rec.bound_by}."
+    )
+    rows: list[list[object]] = [
+        ["global batch", rec.global_batch],
+        ["micro-batch", rec.micro_batch],
+        ["accumulation steps", rec.accumulation_steps],
+        ["world size", rec.world_size],
+        ["learning rate", rec.lr],
+        ["lr rule", rec.lr_rule],
+    ]
+    if rec.betas is not None and rec.eps is not None:
+        rows += [["Adam beta1", rec.betas[0]], ["Adam beta2", rec.betas[1]], ["Adam eps", rec.eps]]
+    rows += [
+        ["warm-up steps", rec.warmup_steps],
+        ["steps per epoch", rec.steps_per_epoch],
+        ["expected samples/s", rec.expected_samples_per_second],
+    ]
+    if rec.steps_to_target_ratio is not None:
+        rows.append(["steps to target / minimum", rec.steps_to_target_ratio])
+    sections = [
+        Section(
+            "Recommendation",
+            paragraphs=[headline],
+            tables=[Table(["", "value"], rows)],
+            bullets=list(rec.reasons),
+            css_class="headline",
+            anchor="recommendation",
+        ),
+    ]
+    if rec.warnings:
+        sections.append(
+            Section(
+                "Warnings",
+                bullets=[f"{a.code}: {a.message}" for a in rec.warnings],
+                css_class="warning",
+                anchor="warnings",
+            )
+        )
+    sections.append(_provenance(result))
+    sections.append(
+        Section(
+            "1. Memory: the largest micro-batch that fits",
+            paragraphs=[
+                f"Budget {memory.budget_bytes / 2**20:,.0f} MiB ({memory.budget_source}), margin "
+                f"{memory.margin_bytes / 2**20:,.1f} MiB; a step had to stay under "
+                f"{memory.limit_bytes / 2**20:,.0f} MiB. Fitted peak(b) = "
+                f"{memory.fixed_bytes / 2**20:,.2f} MiB + {memory.bytes_per_sample / 1024:,.1f} KiB · b "
+                f"from {len(memory.probes)} probes ({memory.steps} training steps, "
+                f"{memory.seconds:.1f} s, mode {memory.mode}); the answer is capped by "
+                f"{memory.capped_by}.",
+                *memory.notes,
+            ],
+            tables=[
+                Table(
+                    ["micro-batch", "peak MiB", "fits"],
+                    [
+                        [
+                            p.batch,
+                            "out of memory" if p.peak_bytes is None else p.peak_bytes / 2**20,
+                            "yes" if p.ok else "no",
+                        ]
+                        for p in memory.probes
+                    ],
+                )
+            ],
+            figures=[
+                _figure(plot_memory, memory, "Peak memory of one training step vs micro-batch")
+            ],
+            anchor="memory",
+        )
+    )
+    sections.append(
+        Section(
+            "2. Throughput: samples per second vs micro-batch",
+            paragraphs=[
+                f"Knee (smallest batch within 90% of the best samples/s): {throughput.knee_batch}; "
+                f"fastest: {throughput.best_batch}."
+            ],
+            tables=[
+                Table(
+                    ["micro-batch", "samples/s", "ms per step"],
+                    [
+                        [p.batch, p.samples_per_second, p.seconds_per_step * 1e3]
+                        for p in throughput.points
+                    ],
+                )
+            ],
+            figures=[
+                _figure(plot_throughput, throughput, "Training samples per second vs micro-batch")
+            ],
+            anchor="throughput",
+        )
+    )
+    spread = lr_find.spread.get(lr_find.method, {})
+    sections.append(
+        Section(
+            "3. Learning-rate range test",
+            paragraphs=[
+                f"{len(lr_find.runs)} range test(s) at batch {lr_find.global_batch}, lr from "
+                f"{lr_find.min_lr:g} to {lr_find.max_lr:g} over {lr_find.steps} steps ({lr_find.mode}). "
+                f"Suggested lr ({lr_find.method}): "
+                + (f"{lr_find.suggestion:.4g}" if lr_find.suggestion is not None else "none")
+                + (f" — {lr_find.message}" if lr_find.message else "")
+                + (
+                    f"; across repeats the median is {spread['median']:.3g}, interquartile "
+                    f"{spread['q1']:.3g} to {spread['q3']:.3g}."
+                    if spread.get("median") is not None
+                    and spread.get("q1") is not None
+                    and spread.get("q3") is not None
+                    else "."
+                ),
+                *lr_find.notes,
+            ],
+            tables=[
+                Table(
+                    ["method", "suggested lr"],
+                    [
+                        [name, "none" if value is None else value]
+                        for name, value in lr_find.suggestions.items()
+                    ],
+                )
+            ],
+            figures=[_figure(plot_lr_find, lr_find, "Loss vs learning rate, suggestions marked")],
+            anchor="lr",
+        )
+    )
+    if noise is not None:
+        low, high = noise.noise_scale_interval
+        sections.append(
+            Section(
+                "4. Gradient noise scale and goodput",
+                paragraphs=[
+                    f"Measured over {noise.steps} training steps at batch {noise.batch} "
+                    f"({noise.micro_batches} micro-batches of {noise.micro_batch}) and lr {noise.lr:.3g}: "
+                    f"B_simple = {noise.noise_scale:,.1f} (interval {low:,.1f} to {high:,.1f}), "
+                    f"|G|² = {noise.gradient_sq_norm:.4g}, tr(Σ) = {noise.trace_covariance:.4g}. "
+                    "McCandlish et al. take B_simple as the critical batch: beyond it a bigger batch "
+                    "stops buying fewer steps.",
+                    *noise.warnings,
+                ],
+                figures=[
+                    _figure(
+                        plot_noise_history, noise, "Noise-scale estimate over the training steps"
+                    ),
+                    _figure(
+                        lambda r, ax: plot_goodput(r, ax=ax),
+                        _goodput_plan(result),
+                        "Goodput (samples/s × efficiency) vs global batch",
+                    ),
+                ],
+                anchor="noise",
+            )
+        )
+    if result.verification is not None:
+        verification = result.verification
+        sections.append(
+            Section(
+                "5. Verification (seed 003: ×0.5 and ×2)",
+                paragraphs=[
+                    f"Each batch trained {verification.epochs:.2g} epochs from the same seed with the lr "
+                    f"its rule gives; best validation loss at batch {verification.best_batch}"
+                    + (
+                        " — the recommendation holds."
+                        if verification.agrees
+                        else " — not the recommended batch; prefer the measured best."
+                    )
+                ],
+                tables=[
+                    Table(
+                        ["global batch", "lr", "steps", "val loss", "metric", "seconds"],
+                        [
+                            [
+                                r.global_batch,
+                                r.lr,
+                                r.steps,
+                                "-" if r.score is None else r.score,
+                                "-" if r.metric is None else r.metric,
+                                r.seconds,
+                            ]
+                            for r in verification.runs
+                        ],
+                    )
+                ],
+                anchor="verify",
+            )
+        )
+    sections.append(_arithmetic(result))
+    sections.append(Section("Formulas", bullets=list(FORMULAS), anchor="formulas"))
+    if result.notes:
+        sections.append(Section("Notes", bullets=list(result.notes), anchor="notes"))
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in result.phase_seconds.items())
+    sections.append(
+        Section(
+            "Run",
+            paragraphs=[
+                f"Device {result.options.device}, seed {result.options.seed}. Time: {timing}."
+            ],
+        )
+    )
+    return Document(
+        f"batchpilot: {task.name}",
+        sections,
+        subtitle="batch size and learning rate, measured on your model",
+    )
+
+
+def _goodput_plan(result: TuneResult) -> object:
+    from batchpilot.goodput import plan_goodput
+
+    rec = result.recommendation
+    return plan_goodput(
+        result.throughput,
+        noise_scale=rec.noise_scale if rec.noise_scale is not None else math.inf,
+        base_batch=rec.reference_batch,
+        max_batch=max(result.task.train_size, rec.world_size),
+        max_micro_batch=result.memory.max_micro_batch,
+        world_size=rec.world_size,
+    )
+
+
+def _provenance(result: TuneResult) -> Section:
+    rec, memory, lr_find, noise = (
+        result.recommendation,
+        result.memory,
+        result.lr_find,
+        result.noise,
+    )
+    rows: list[list[object]] = [
+        [
+            "max micro-batch",
+            memory.max_micro_batch,
+            f"memory phase: {len(memory.probes)} probes, mode {memory.mode}, capped by {memory.capped_by}",
+        ],
+        [
+            "throughput knee",
+            result.throughput.knee_batch,
+            f"throughput phase: {len(result.throughput.points)} micro-batches timed",
+        ],
+        [
+            "reference lr",
+            rec.reference_lr,
+            f"range test at batch {rec.reference_batch} ({lr_find.method}, {len(lr_find.runs)} repeats)"
+            if result.options.lr is None
+            else "given with --lr",
+        ],
+        [
+            "noise scale",
+            "-" if noise is None else noise.noise_scale,
+            "not measured"
+            if noise is None
+            else f"{noise.steps} training steps at batch {noise.batch}, lr {noise.lr:.3g}",
+        ],
+        ["global batch", rec.global_batch, "highest goodput among powers of two"],
+        [
+            "micro-batch × accumulation",
+            f"{rec.micro_batch} × {rec.accumulation_steps}",
+            "fastest exact split under the memory limit",
+        ],
+        ["learning rate", rec.lr, f"{rec.lr_rule} rule from the reference lr"],
+        ["warm-up steps", rec.warmup_steps, "Goyal et al.: 5 epochs when the lr grows"],
+        [
+            "expected samples/s",
+            rec.expected_samples_per_second,
+            "measured throughput at the micro-batch × world size",
+        ],
+    ]
+    return Section(
+        "Where each number comes from",
+        tables=[Table(["number", "value", "source"], rows)],
+        anchor="provenance",
+    )
+
+
+def _arithmetic(result: TuneResult) -> Section:
+    rec = result.recommendation
+    plan = plan_scaling(
+        ref_batch=rec.reference_batch,
+        ref_lr=rec.reference_lr,
+        batch=rec.global_batch,
+        micro_batch=rec.micro_batch,
+        world_size=rec.world_size,
+        rule="none",
+        dataset_size=result.task.train_size,
+        epochs=10,
+        warmup_epochs=rec.warmup_epochs,
+    )
+    lines = [line for line in plan.explanation if "Rule none" not in line and "New lr" not in line]
+    return Section(
+        "Epochs and iterations",
+        bullets=lines,
+        anchor="arithmetic",
+        paragraphs=["For a 10-epoch run (scale the totals to your run's length):"],
+    )
+
+
+def write_tune_report(result: TuneResult, folder: Path) -> Path:
+    """Write ``report.html`` and ``result.json`` into ``folder`` (created) and return the HTML path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    page = folder / "report.html"
+    page.write_text(render_html(build_tune_document(result)), encoding="utf-8")
+    (folder / "result.json").write_text(to_json(result.to_dict(), indent=2))
+    return page

@@ -1,0 +1,462 @@
+"""The gradient noise scale: closed-form truth, bitwise-neutral observation, AMP, DDP, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from batchpilot.errors import BadInputError
+from batchpilot.loading import load_task
+from batchpilot.noise import (
+    GradientNoiseScale,
+    NoiseScalePoint,
+    NoiseScaleWarning,
+    critical_batch_over_run,
+    measure_noise_scale,
+    ratio_interval,
+    unbiased_moments,
+)
+
+DIM = 8
+NOISE_VAR = 1.0
+
+
+def _regression_model() -> nn.Linear:
+    """w − w* has squared norm 1 (w* = 0), so |G|² = 1 exactly."""
+    model = nn.Linear(DIM, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0 / math.sqrt(DIM))
+    return model
+
+
+def _regression_batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(n, DIM, generator=generator)
+    y = math.sqrt(NOISE_VAR) * torch.randn(n, generator=generator)  # y = w*·x + ε, w* = 0
+    return x, y
+
+
+# Per-sample loss ½(w·x − y)², x ~ N(0, I), ε ~ N(0, σ²), δ = w − w*: the gradient (δ·x − ε)x has
+# mean G = δ and covariance Σ = (|δ|² + σ²) I + δδᵀ, so tr Σ = d(|δ|² + σ²) + |δ|².
+TRUE_GRADIENT_SQ = 1.0
+TRUE_TRACE = DIM * (1.0 + NOISE_VAR) + 1.0
+
+
+@pytest.mark.parametrize(
+    ("reduction", "sizes"),
+    [("mean", (16, 16, 16, 16)), ("sum", (16, 16, 16, 16)), ("mean", (8, 24, 16, 16))],
+)
+def test_linear_regression_matches_closed_form(reduction: str, sizes: tuple[int, ...]) -> None:
+    model = _regression_model()
+    noise = GradientNoiseScale(model, reduction=reduction, ema_decay=0.999)  # type: ignore[arg-type]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(600):
+        model.zero_grad(set_to_none=True)
+        for size in sizes:
+            x, y = _regression_batch(size, generator)
+            per_sample = 0.5 * (model(x).squeeze(1) - y) ** 2
+            if reduction == "mean":
+                (per_sample.mean() / len(sizes)).backward()
+            else:
+                per_sample.sum().backward()
+            noise.record_micro_batch(size)
+        noise.finish_step()
+    estimate = noise.estimate()
+    assert estimate.steps == 600
+    assert estimate.gradient_sq_norm == pytest.approx(TRUE_GRADIENT_SQ, rel=0.1)
+    assert estimate.trace_covariance == pytest.approx(TRUE_TRACE, rel=0.1)
+    assert estimate.noise_scale == pytest.approx(TRUE_TRACE / TRUE_GRADIENT_SQ, rel=0.1)
+    low, high = estimate.noise_scale_interval
+    assert low < TRUE_TRACE / TRUE_GRADIENT_SQ < high
+    assert high - low < 0.3 * estimate.noise_scale
+
+
+def test_finite_dataset_correction_gives_the_exact_full_gradient() -> None:
+    """With the whole dataset as the step's batch, |G|² is the full gradient's norm exactly and
+    tr Σ the population covariance's trace, once the dataset size is known."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = _regression_batch(32, generator)
+    model = _regression_model()
+    per_sample_grads = []
+    for i in range(32):
+        model.zero_grad()
+        (0.5 * (model(x[i : i + 1]).squeeze(1) - y[i : i + 1]) ** 2).sum().backward()
+        per_sample_grads.append(model.weight.grad.detach().reshape(-1).clone())  # type: ignore[union-attr]
+    grads = torch.stack(per_sample_grads).double()
+    full = grads.mean(0)
+    population_trace = float(((grads - full) ** 2).sum(1).mean())
+
+    corrected = GradientNoiseScale(model, dataset_size=32, ema_decay=0.999)
+    plain = GradientNoiseScale(model, ema_decay=0.999)
+    for _ in range(300):
+        model.zero_grad(set_to_none=True)
+        order = torch.randperm(32, generator=generator)
+        for part in order.split(8):
+            (0.5 * (model(x[part]).squeeze(1) - y[part]) ** 2).mean().div(4).backward()
+            corrected.record_micro_batch(8)
+            plain.record_micro_batch(8)
+        corrected.finish_step()
+        plain.finish_step()
+    assert corrected.estimate().gradient_sq_norm == pytest.approx(float(full @ full), rel=1e-5)
+    assert corrected.estimate().trace_covariance == pytest.approx(population_trace, rel=0.1)
+    # Without the correction the sampling without replacement biases |G|² down.
+    assert plain.estimate().gradient_sq_norm < 0.9 * float(full @ full)
+
+
+def _tiny_bn_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _train(observe: bool, *, steps: int = 4, parts: int = 3) -> tuple[nn.Module, Any, Any]:
+    torch.manual_seed(0)
+    model = _tiny_bn_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    noise = GradientNoiseScale(model, warn_batchnorm=False) if observe else None
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(parts):
+            images = torch.randn(6, 5, generator=generator)
+            labels = torch.randint(0, 3, (6,), generator=generator)
+            (F.cross_entropy(model(images), labels) / parts).backward()
+            if noise is not None:
+                noise.record_micro_batch(6)
+        if noise is not None:
+            noise.finish_step()
+        optimizer.step()
+    return model, optimizer, noise
+
+
+def test_observing_leaves_the_training_step_bitwise_unchanged() -> None:
+    plain_model, plain_optimizer, _ = _train(observe=False)
+    model, optimizer, noise = _train(observe=True)
+    assert noise.steps == 4
+    for (name, a), b in zip(
+        plain_model.state_dict().items(), model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name  # parameters and BatchNorm statistics
+    for a, b in zip(plain_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+    for a, b in zip(
+        plain_optimizer.state_dict()["state"].values(),
+        optimizer.state_dict()["state"].values(),
+        strict=True,
+    ):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_amp_loss_scale_is_divided_out() -> None:
+    def run(scaler: torch.amp.GradScaler | None) -> tuple[float, float]:
+        model = _regression_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        noise = GradientNoiseScale(model, scaler=scaler)
+        generator = torch.Generator().manual_seed(2)
+        for _ in range(40):
+            optimizer.zero_grad(set_to_none=True)
+            for _ in range(4):
+                x, y = _regression_batch(8, generator)
+                loss = (0.5 * (model(x).squeeze(1) - y) ** 2).mean() / 4
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                noise.record_micro_batch(8)
+            noise.finish_step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        estimate = noise.estimate()
+        return estimate.gradient_sq_norm, estimate.trace_covariance
+
+    reference = run(None)
+    scaled = run(torch.amp.GradScaler("cpu", init_scale=2.0**12))
+    assert scaled == pytest.approx(reference, rel=1e-6)
+
+
+def test_non_finite_steps_are_skipped() -> None:
+    model = _regression_model()
+    noise = GradientNoiseScale(model)
+    generator = torch.Generator().manual_seed(3)
+    for step in range(6):
+        model.zero_grad(set_to_none=True)
+        for _ in range(2):
+            x, y = _regression_batch(8, generator)
+            (0.5 * (model(x).squeeze(1) - y) ** 2).mean().div(2).backward()
+            if step == 2:
+                model.weight.grad[0, 0] = math.inf  # type: ignore[index]
+            noise.record_micro_batch(8)
+        noise.finish_step()
+    assert noise.skipped_steps == 1
+    assert noise.steps == 5
+    assert [p.step for p in noise.history] == [1, 2, 4, 5, 6]
+    assert math.isfinite(noise.estimate().noise_scale)
+
+
+def test_batchnorm_warning_and_single_micro_batch() -> None:
+    model = _tiny_bn_model()
+    noise = GradientNoiseScale(model)
+    images = torch.randn(4, 5)
+    with pytest.warns(NoiseScaleWarning, match="BatchNorm"):
+        for _ in range(2):
+            model(images).sum().backward()
+            noise.record_micro_batch(4)
+        noise.finish_step()
+    assert any("BatchNorm" in line for line in noise.warnings)
+
+    plain = _regression_model()
+    quiet = GradientNoiseScale(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            plain(torch.randn(4, DIM)).sum().backward()
+            quiet.record_micro_batch(4)
+        quiet.finish_step()
+    with pytest.warns(NoiseScaleWarning, match="at least two micro-batches"):
+        plain(torch.randn(4, DIM)).sum().backward()
+        quiet.record_micro_batch(4)
+        quiet.finish_step()
+    assert quiet.steps == 1  # the single-micro-batch step did not enter the estimate
+
+
+def test_state_dict_round_trip_continues_the_estimate() -> None:
+    def step(noise: GradientNoiseScale, model: nn.Module, generator: torch.Generator) -> None:
+        model.zero_grad(set_to_none=True)
+        for _ in range(2):
+            x, y = _regression_batch(8, generator)
+            (0.5 * (model(x).squeeze(1) - y) ** 2).mean().div(2).backward()
+            noise.record_micro_batch(8)
+        noise.finish_step()
+
+    model = _regression_model()
+    whole, generator = GradientNoiseScale(model), torch.Generator().manual_seed(4)
+    for _ in range(10):
+        step(whole, model, generator)
+    first, generator = GradientNoiseScale(model), torch.Generator().manual_seed(4)
+    for _ in range(5):
+        step(first, model, generator)
+    resumed = GradientNoiseScale(model)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for _ in range(5):
+        step(resumed, model, generator)
+    assert resumed.estimate() == whole.estimate()
+
+
+def test_pure_helpers() -> None:
+    assert unbiased_moments(3.0, 1.5, small_batch=4, big_batch=16) == (1.0, 8.0)
+    with pytest.raises(BadInputError, match="big_batch"):
+        unbiased_moments(1.0, 1.0, small_batch=8, big_batch=8)
+    ratio, (low, high) = ratio_interval([1.0] * 20, [10.0] * 20, ema_decay=0.9, block_steps=5)
+    assert (
+        ratio == pytest.approx(10.0) and low == pytest.approx(10.0) and high == pytest.approx(10.0)
+    )
+    # A signal that cannot be told from zero has no upper bound.
+    _, (_, high) = ratio_interval([1.0, -1.0, 0.5, -0.4], [5.0] * 4, ema_decay=0.9, block_steps=1)
+    assert math.isinf(high)
+    points = [NoiseScalePoint(t, 64.0, 1.0, 64.0) for t in range(1, 11)]
+    assert critical_batch_over_run(points, batch=16) == pytest.approx(64.0)
+
+
+def test_measure_noise_scale_on_an_example() -> None:
+    task = load_task(example="spiral")
+    before = torch.get_rng_state()
+    result = measure_noise_scale(task, batch=32, steps=25, lr=0.5, micro_batches=4, seed=0)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert result.steps == 25 and result.micro_batch == 8 and len(result.train_losses) == 25
+    assert len(result.history) + result.skipped_steps == 25
+    assert result.noise_scale > 0 and result.critical_batch > 0
+    json.dumps(result.to_dict())  # JSON-safe apart from inf, which the CLI writes as "inf"
+    again = measure_noise_scale(task, batch=32, steps=25, lr=0.5, micro_batches=4, seed=0)
+    assert again.history == result.history  # reproducible
+    with pytest.raises(BadInputError, match="micro_batches"):
+        measure_noise_scale(task, batch=32, steps=5, lr=0.5, micro_batches=1)
+    with pytest.raises(BadInputError, match="batch: 30 is not a multiple"):
+        measure_noise_scale(task, batch=30, steps=5, lr=0.5, micro_batches=4)
+    with pytest.raises(BadInputError, match="lr"):
+        measure_noise_scale(task, batch=32, steps=5, lr=-1.0)
+
+
+# ------------------------------------------------------------------------------------- DDP
+
+DDP_STEPS = 12
+RANK_BATCH = 8
+
+
+def _ddp_data(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(5)
+    return [
+        (
+            torch.randn(2 * RANK_BATCH, 3, generator=generator),
+            torch.randn(2 * RANK_BATCH, 1, generator=generator),
+        )
+        for _ in range(steps)
+    ]
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        data = _ddp_data(DDP_STEPS)
+        shard = slice(rank * RANK_BATCH, (rank + 1) * RANK_BATCH)
+        results = {}
+        # 1. A DDP model: the estimator's communication hook sees the rank's gradient.
+        model = DistributedDataParallel(_mlp())
+        noise = GradientNoiseScale(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x, y in data:
+            optimizer.zero_grad(set_to_none=True)
+            F.mse_loss(model(x[shard]), y[shard]).backward()
+            noise.finish_step(batch_size=RANK_BATCH)
+            optimizer.step()
+        results["hook"] = noise.history
+        results["params"] = [p.detach().clone() for p in model.parameters()]
+        # 2. A plain model whose loop averages gradients through the estimator.
+        plain = _mlp()
+        manual = GradientNoiseScale(plain, distributed=True)
+        optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
+        for x, y in data:
+            optimizer.zero_grad(set_to_none=True)
+            F.mse_loss(plain(x[shard]), y[shard]).backward()
+            manual.all_reduce_gradients()
+            manual.finish_step(batch_size=RANK_BATCH)
+            optimizer.step()
+        results["manual"] = manual.history
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_equal_single_process(tmp_path: Path) -> None:
+    mp.spawn(
+        _ddp_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["hook"] == ranks[1]["hook"]  # identical on every rank
+    assert ranks[0]["manual"] == ranks[1]["manual"]
+
+    # The same data in one process: each rank's half is one micro-batch.
+    model = _mlp()
+    noise = GradientNoiseScale(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in _ddp_data(DDP_STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        for rank in range(2):
+            shard = slice(rank * RANK_BATCH, (rank + 1) * RANK_BATCH)
+            (F.mse_loss(model(x[shard]), y[shard]) / 2).backward()
+            noise.record_micro_batch(RANK_BATCH)
+        noise.finish_step()
+        optimizer.step()
+    single = noise.history
+    for mode in ("hook", "manual"):
+        distributed = ranks[0][mode]
+        assert len(distributed) == len(single) == DDP_STEPS
+        for a, b in zip(distributed, single, strict=True):
+            assert a.step == b.step
+            assert a.gradient_sq_norm == pytest.approx(b.gradient_sq_norm, rel=1e-4)
+            assert a.trace_covariance == pytest.approx(b.trace_covariance, rel=1e-4)
+            assert a.noise_scale == pytest.approx(b.noise_scale, rel=1e-4)
+    for a, b in zip(ranks[0]["params"], model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ CLI, plots
+
+
+def test_noise_command_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from batchpilot.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "noise", "--example", "spiral", "--batch", "32", "--steps", "30", "--lr", "0.5",
+                "--max-batch", "64", "--device", "cpu", "--format", "json", "--out", str(tmp_path),
+            ]
+        )  # fmt: skip
+    assert exit_info.value.code == 0
+    data = json.loads(capsys.readouterr().out)
+    for key in (
+        "noise_scale",
+        "noise_scale_interval",
+        "history",
+        "efficiency",
+        "recommended_batch",
+    ):
+        assert key in data
+    assert data["lr_source"] == "given"
+    assert len(data["history"]) + data["skipped_steps"] == 30
+    batches = [row["batch"] for row in data["efficiency"]]
+    assert data["recommended_batch"] in batches and max(batches) <= 64
+    base = next(row for row in data["efficiency"] if row["batch"] == 32)
+    assert base["efficiency"] == pytest.approx(1.0)
+    recommended = data["recommended"]
+    assert (
+        recommended["micro_batch"] * recommended["accumulation_steps"] == data["recommended_batch"]
+    )
+    assert Path(data["plot"]).is_file()
+
+
+def test_noise_command_falls_back_without_sibling_modules(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without the range test and throughput modules: the task's reference lr, steps timed here."""
+    import batchpilot.cli.noise as command
+    from batchpilot.cli import main
+
+    monkeypatch.setattr(command, "_optional", lambda name: None)
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "noise", "--example", "xor4", "--batch", "8", "--steps", "10",
+                "--max-batch", "16", "--device", "cpu", "--format", "json",
+            ]
+        )  # fmt: skip
+    assert exit_info.value.code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["lr"], data["lr_source"]) == (10.0, "reference lr")
+    assert (data["micro_batches"], data["micro_batch"]) == (4, 2)
+    assert data["throughput_source"] == "timed here"
+    assert [row["batch"] for row in data["throughput"]] == [1, 2, 4, 8, 16]
+    assert any("not available" in note for note in data["notes"])
+
+
+def test_noise_command_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    from batchpilot.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["noise", "--example", "spiral", "--batch", "30", "--micro-batches", "4", "--lr", "0.1"]
+        )
+    assert exit_info.value.code == 2
+    assert "--batch: 30 is not a multiple" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["noise", "--example", "spiral", "--batch", "32", "--micro-batches", "1"])
+    assert exit_info.value.code == 2  # refused before the range test runs
+    assert "--micro-batches: expected at least 2" in capsys.readouterr().err
+
+
+def test_plot_noise_history_draws_the_estimate() -> None:
+    from batchpilot.plots.noise import plot_noise_history
+
+    result = measure_noise_scale(load_task(example="xor4"), batch=16, steps=20, lr=2.0)
+    ax = plot_noise_history(result)
+    assert ax.get_xlabel() == "optimizer step"
+    assert len(ax.lines) >= 1
