@@ -80,6 +80,7 @@ class ToolRecord:
     name: str
     range_steps: int  # optimizer steps of range testing behind one suggestion
     lrs: list[float | None] = field(default_factory=list)
+    training_runs: list[int] = field(default_factory=list)  # verification runs of the budget
     seconds: float = 0.0
 
 
@@ -111,7 +112,12 @@ class Scorer:
 # ---------------------------------------------------------------------------------------- tools
 
 
-def batchpilot_suggestions(task: Task, setup: Setup, seed: int) -> dict[str, float | None]:
+def batchpilot_suggestions(
+    task: Task, setup: Setup, seed: int, *, verify: bool
+) -> tuple[dict[str, float | None], float | None, int]:
+    """Each rule's suggestion; with ``verify``, also the lr that won the verification runs
+    (``verify_steps`` = the training budget, seed ``seed``: not one of the scoring seeds) and
+    how many runs that took."""
     result = find_lr(
         task,
         micro_batch=setup.batch,
@@ -120,8 +126,11 @@ def batchpilot_suggestions(task: Task, setup: Setup, seed: int) -> dict[str, flo
         steps=setup.range_steps,
         repeats=3,
         seed=seed,
+        verify_steps=setup.train_steps if verify else None,
     )
-    return dict(result.suggestions)
+    runs = 0 if result.verification is None else len(result.verification.candidates)
+    verified = result.suggestion if verify else None
+    return dict(result.suggestions), verified, runs
 
 
 class _PassThrough(torch.nn.Module):
@@ -232,8 +241,11 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return float(q3 / q1), float(max(values) / min(values))
 
 
+VERIFIED = "batchpilot verified"
+
+
 def run_example(
-    name: str, seeds: int, train_seeds: int, log: Callable[[str], None]
+    name: str, seeds: int, train_seeds: int, log: Callable[[str], None], *, verify: bool = True
 ) -> dict[str, Any]:
     setup = SETUPS[name]
     task = load_task(example=name)
@@ -247,16 +259,22 @@ def run_example(
     records = {
         f"batchpilot {m}": ToolRecord(f"batchpilot {m}", 3 * setup.range_steps) for m in METHODS
     }
+    if verify:
+        records[VERIFIED] = ToolRecord(VERIFIED, 3 * setup.range_steps)
     records["torch-lr-finder"] = ToolRecord("torch-lr-finder", setup.range_steps)
     records["lightning lr_find"] = ToolRecord("lightning lr_find", setup.range_steps)
     for seed in range(seeds):
         range_seed = 1000 + 7919 * seed  # apart from the training seeds
         t0 = time.perf_counter()
-        ours = batchpilot_suggestions(task, setup, range_seed)
-        elapsed = (time.perf_counter() - t0) / len(METHODS)
+        ours, verified, runs = batchpilot_suggestions(task, setup, range_seed, verify=verify)
+        elapsed = time.perf_counter() - t0
         for method in METHODS:
             records[f"batchpilot {method}"].lrs.append(ours[method])
             records[f"batchpilot {method}"].seconds += elapsed
+        if verify:
+            records[VERIFIED].lrs.append(verified)
+            records[VERIFIED].training_runs.append(runs)
+            records[VERIFIED].seconds += elapsed
         for key, tool in (
             ("torch-lr-finder", torch_lr_finder_suggestion),
             ("lightning lr_find", lightning_suggestion),
@@ -283,6 +301,9 @@ def run_example(
                 "worst_ratio": float(max(ratios)) if ratios else math.inf,
                 "no_answer": len(record.lrs) - len(found),
                 "range_steps": record.range_steps,
+                "training_runs": float(np.mean(record.training_runs))
+                if record.training_runs
+                else 0.0,
                 "seconds_per_suggestion": record.seconds / max(seeds, 1),
             }
         )
@@ -326,6 +347,7 @@ def render(console: Console, report: dict[str, Any]) -> None:
         "worst",
         "no answer",
         "range steps",
+        "budget runs",
     ):
         table.add_column(column, justify="left" if column == "tool" else "right")
     for row in report["rows"]:
@@ -339,6 +361,7 @@ def render(console: Console, report: dict[str, Any]) -> None:
             _fmt(row["worst_ratio"], ".3f"),
             str(row["no_answer"]),
             str(row["range_steps"]),
+            f"{row['training_runs']:.1f}" if row["training_runs"] else "—",
         )
     console.print(table)
 
@@ -347,7 +370,9 @@ def render_goal(console: Console, reports: list[dict[str, Any]]) -> None:
     table = Table(title="goal: loss within 10% of the grid best, spread below both anchors")
     for column in (
         "example",
-        "default rule mean ratio",
+        "batchpilot",
+        "mean ratio",
+        "worst",
         "within 10%",
         "spread q3/q1 (ours / tlf / lightning)",
         "smallest spread",
@@ -355,20 +380,25 @@ def render_goal(console: Console, reports: list[dict[str, Any]]) -> None:
         table.add_column(column)
     for report in reports:
         rows = {row["tool"]: row for row in report["rows"]}
-        ours = rows[f"batchpilot {DEFAULT_METHOD}"]
         tlf, light = rows["torch-lr-finder"], rows["lightning lr_find"]
-        within = ours["no_answer"] == 0 and ours["mean_ratio"] <= 1.10
-        spreads = [ours["spread_q3_q1"], tlf["spread_q3_q1"], light["spread_q3_q1"]]
-        smallest = not math.isnan(spreads[0]) and all(
-            math.isnan(other) or spreads[0] < other for other in spreads[1:]
-        )
-        table.add_row(
-            report["example"],
-            _fmt(ours["mean_ratio"], ".3f"),
-            "yes" if within else "no",
-            " / ".join(_fmt(s, ".2f") for s in spreads),
-            "yes" if smallest else "no",
-        )
+        ours_rows = [(f"range test ({DEFAULT_METHOD})", rows[f"batchpilot {DEFAULT_METHOD}"])]
+        if VERIFIED in rows:
+            ours_rows.append(("verified at the budget", rows[VERIFIED]))
+        for index, (label, ours) in enumerate(ours_rows):
+            within = ours["no_answer"] == 0 and ours["mean_ratio"] <= 1.10
+            spreads = [ours["spread_q3_q1"], tlf["spread_q3_q1"], light["spread_q3_q1"]]
+            smallest = not math.isnan(spreads[0]) and all(
+                math.isnan(other) or spreads[0] < other for other in spreads[1:]
+            )
+            table.add_row(
+                report["example"] if index == 0 else "",
+                label,
+                _fmt(ours["mean_ratio"], ".3f"),
+                _fmt(ours["worst_ratio"], ".3f"),
+                "yes" if within else "no",
+                " / ".join(_fmt(s, ".2f") for s in spreads),
+                "yes" if smallest else "no",
+            )
     console.print(table)
 
 
@@ -376,7 +406,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", default=",".join(SETUPS), help="comma-separated examples")
     parser.add_argument("--seeds", type=int, default=4, help="range-test seeds per tool")
-    parser.add_argument("--train-seeds", type=int, default=1, help="training seeds per lr")
+    parser.add_argument("--train-seeds", type=int, default=3, help="training seeds per lr")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip batchpilot's verification runs"
+    )
     parser.add_argument("--json", type=str, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -398,7 +431,13 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.examples.split(","):
         if name not in SETUPS:
             sys.exit(f"unknown example {name!r}; choose from {', '.join(SETUPS)}")
-        report = run_example(name, args.seeds, args.train_seeds, lambda line: err.print(line))
+        report = run_example(
+            name,
+            args.seeds,
+            args.train_seeds,
+            lambda line: err.print(line),
+            verify=not args.no_verify,
+        )
         render(console, report)
         reports.append(report)
     render_goal(console, reports)

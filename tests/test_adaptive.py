@@ -139,7 +139,7 @@ def test_adaptive_training_with_the_real_estimator_grows_on_a_noisy_problem() ->
     adaptive = AdaptiveBatch(
         base_batch=16, base_lr=0.01, limits=limits, check_every=5, min_steps=10
     )
-    noise = GradientNoiseScale(model, dataset_size=4096)
+    noise = GradientNoiseScale(model, dataset_size=4096, max_overhead=None)
     runtime = BatchRuntime(optimizer, base_lr=0.01, max_micro_batch=8)  # force ≥ 2 micro-batches
     generator = torch.Generator().manual_seed(1)
     setting = adaptive.setting

@@ -111,7 +111,7 @@ def test_lightning_callback_tunes_applies_the_schedule_and_logs_the_noise_scale(
         tuned.append(1)
         return 8  # "the largest micro-batch that fits"
 
-    callback = BatchpilotCallback(schedule=schedule, tuner=tuner)
+    callback = BatchpilotCallback(schedule=schedule, tuner=tuner, max_overhead=None)
     trainer = lightning_run(callback, data, sampler, epochs=3)
     assert tuned == [1] and callback.max_micro_batch == 8
     # Epoch 0: 16 = 8 × 2 (8 steps); epoch 1: 32 = 8 × 4 (4 steps); epoch 2: capped at 32, lr halved.
@@ -148,7 +148,7 @@ def test_lightning_callback_with_adaptive_batch_grows_at_epoch_starts() -> None:
         check_every=4,
         min_steps=4,
     )
-    callback = BatchpilotCallback(adaptive=adaptive, max_micro_batch=8)
+    callback = BatchpilotCallback(adaptive=adaptive, max_micro_batch=8, max_overhead=None)
     trainer = lightning_run(callback, data, sampler, epochs=3)
     assert adaptive.steps == trainer.global_step
     assert adaptive.batch > 16 and adaptive.progress > adaptive.steps  # grew; gain above 1
@@ -223,7 +223,7 @@ def test_huggingface_callback_logs_the_noise_scale_and_applies_the_schedule_lr(
         base_lr=5e-4,
         limits=BatchLimits(dataset_size=64, max_batch=16),  # the Trainer's batch: lr takes it all
     )
-    callback = BatchpilotTrainerCallback(schedule=schedule)
+    callback = BatchpilotTrainerCallback(schedule=schedule, max_overhead=None)
     trainer = hf_train(callback, tmp_path, steps=8)
     logs = [row for row in trainer.state.log_history if "loss" in row]
     assert trainer.state.global_step == 8 and len(logs) == 4
@@ -244,7 +244,7 @@ def test_huggingface_callback_applies_the_adascale_gain_of_the_trainers_batch(
     from batchpilot.integrations.huggingface import BatchpilotTrainerCallback
 
     adaptive = AdaptiveBatch(base_batch=4, base_lr=5e-4, family="adam")
-    callback = BatchpilotTrainerCallback(adaptive=adaptive, every_n_steps=1)
+    callback = BatchpilotTrainerCallback(adaptive=adaptive, every_n_steps=1, max_overhead=None)
     hf_train(callback, tmp_path, steps=4)
     # The Trainer's batch is 16 = 4 × 4, four times the controller's base: the Adam lr factor is
     # √r with r = AdaScale's gain, 1 < r < 4 for a finite positive noise scale.

@@ -21,6 +21,8 @@ from batchpilot.lr_finder import (
     default_smoothing,
     find_lr,
     lr_schedule,
+    stability_edge,
+    verification_candidates,
 )
 from batchpilot.lr_suggest import METHODS
 from batchpilot.plots.lr_find import plot_lr_find
@@ -367,17 +369,54 @@ def test_fresh_task_runs_leave_the_global_rng_alone() -> None:
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_verification_trains_each_suggestion_and_names_the_best() -> None:
+def test_verification_trains_the_rules_and_a_ladder_below_the_edge() -> None:
     task = _regression()
     result = find_lr(
         task, micro_batch=64, min_lr=1e-4, max_lr=100.0, steps=40, repeats=1, verify_steps=15
     )
     check = result.verification
     assert check is not None and check.split == "val"
-    assert {c.lr for c in check.candidates} == {v for v in result.suggestions.values() if v}
+    edge = stability_edge(result)
+    assert result.diverged_at is not None and edge == result.diverged_at
+    first_round = verification_candidates(result)
+    # Each rule's suggestion, and edge/2 … edge/32.
+    assert {lr for name, lr in first_round.items() if name in METHODS} == {
+        v for v in result.suggestions.values() if v is not None
+    }
+    ladder = sorted(lr for name, lr in first_round.items() if name.startswith("edge/"))
+    assert ladder == pytest.approx([edge / 2**k for k in range(5, 0, -1)])
+    tried = {c.lr for c in check.candidates}
+    assert set(first_round.values()) <= tried
+    # The second round: the geometric midpoints around the first round's best.
+    first_best = min(
+        (c for c in check.candidates if c.lr in set(first_round.values()) and not c.diverged),
+        key=lambda c: c.loss,
+    )
+    for c in check.candidates:
+        if c.lr not in set(first_round.values()):
+            ratio = c.lr / first_best.lr
+            assert ratio == pytest.approx(math.sqrt(2)) or ratio == pytest.approx(1 / math.sqrt(2))
+            assert c.lr < edge
     best = min(check.candidates, key=lambda c: c.loss)
     assert check.best_lr == best.lr and set(check.best_methods) == set(best.methods)
+    # The verified lr is the suggestion, and it trains at least as well as every rule's.
+    assert result.suggestion == best.lr
+    rules = [c.loss for c in check.candidates if set(c.methods) & set(METHODS)]
+    assert best.loss <= min(rules)
     assert json.loads(json.dumps(result.to_dict()))["verification"]["best_lr"] == best.lr
+
+
+def test_verification_answers_when_the_curve_shows_no_descent() -> None:
+    # spiral sits on a plateau for 60 steps: no descent, but the ladder below max_lr still runs.
+    from batchpilot.loading import load_task
+
+    task = load_task(example="spiral")
+    result = find_lr(task, micro_batch=10, steps=60, repeats=1, verify_steps=30)
+    assert result.message is not None and result.message.startswith("no descent found")
+    assert result.suggestions == dict.fromkeys(METHODS, None)
+    assert result.verification is not None and result.suggestion == result.verification.best_lr
+    assert result.suggestion is not None and result.suggestion < stability_edge(result)  # type: ignore[operator]
+    assert any("verification runs alone" in note for note in result.notes)
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,7 @@ TRUE_TRACE = DIM * (1.0 + NOISE_VAR) + 1.0
 )
 def test_linear_regression_matches_closed_form(reduction: str, sizes: tuple[int, ...]) -> None:
     model = _regression_model()
-    noise = GradientNoiseScale(model, reduction=reduction, ema_decay=0.999)  # type: ignore[arg-type]
+    noise = GradientNoiseScale(model, reduction=reduction, ema_decay=0.999, max_overhead=None)  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(0)
     for _ in range(600):
         model.zero_grad(set_to_none=True)
@@ -96,8 +96,8 @@ def test_finite_dataset_correction_gives_the_exact_full_gradient() -> None:
     full = grads.mean(0)
     population_trace = float(((grads - full) ** 2).sum(1).mean())
 
-    corrected = GradientNoiseScale(model, dataset_size=32, ema_decay=0.999)
-    plain = GradientNoiseScale(model, ema_decay=0.999)
+    corrected = GradientNoiseScale(model, dataset_size=32, ema_decay=0.999, max_overhead=None)
+    plain = GradientNoiseScale(model, ema_decay=0.999, max_overhead=None)
     for _ in range(300):
         model.zero_grad(set_to_none=True)
         order = torch.randperm(32, generator=generator)
@@ -121,7 +121,7 @@ def _train(observe: bool, *, steps: int = 4, parts: int = 3) -> tuple[nn.Module,
     torch.manual_seed(0)
     model = _tiny_bn_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    noise = GradientNoiseScale(model, warn_batchnorm=False) if observe else None
+    noise = GradientNoiseScale(model, warn_batchnorm=False, max_overhead=None) if observe else None
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
@@ -159,7 +159,7 @@ def test_amp_loss_scale_is_divided_out() -> None:
     def run(scaler: torch.amp.GradScaler | None) -> tuple[float, float]:
         model = _regression_model()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        noise = GradientNoiseScale(model, scaler=scaler)
+        noise = GradientNoiseScale(model, scaler=scaler, max_overhead=None)
         generator = torch.Generator().manual_seed(2)
         for _ in range(40):
             optimizer.zero_grad(set_to_none=True)
@@ -184,7 +184,7 @@ def test_amp_loss_scale_is_divided_out() -> None:
 
 def test_non_finite_steps_are_skipped() -> None:
     model = _regression_model()
-    noise = GradientNoiseScale(model)
+    noise = GradientNoiseScale(model, max_overhead=None)
     generator = torch.Generator().manual_seed(3)
     for step in range(6):
         model.zero_grad(set_to_none=True)
@@ -203,7 +203,7 @@ def test_non_finite_steps_are_skipped() -> None:
 
 def test_batchnorm_warning_and_single_micro_batch() -> None:
     model = _tiny_bn_model()
-    noise = GradientNoiseScale(model)
+    noise = GradientNoiseScale(model, max_overhead=None)
     images = torch.randn(4, 5)
     with pytest.warns(NoiseScaleWarning, match="BatchNorm"):
         for _ in range(2):
@@ -213,7 +213,7 @@ def test_batchnorm_warning_and_single_micro_batch() -> None:
     assert any("BatchNorm" in line for line in noise.warnings)
 
     plain = _regression_model()
-    quiet = GradientNoiseScale(plain)
+    quiet = GradientNoiseScale(plain, max_overhead=None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(2):
@@ -237,13 +237,19 @@ def test_state_dict_round_trip_continues_the_estimate() -> None:
         noise.finish_step()
 
     model = _regression_model()
-    whole, generator = GradientNoiseScale(model), torch.Generator().manual_seed(4)
+    whole, generator = (
+        GradientNoiseScale(model, max_overhead=None),
+        torch.Generator().manual_seed(4),
+    )
     for _ in range(10):
         step(whole, model, generator)
-    first, generator = GradientNoiseScale(model), torch.Generator().manual_seed(4)
+    first, generator = (
+        GradientNoiseScale(model, max_overhead=None),
+        torch.Generator().manual_seed(4),
+    )
     for _ in range(5):
         step(first, model, generator)
-    resumed = GradientNoiseScale(model)
+    resumed = GradientNoiseScale(model, max_overhead=None)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     for _ in range(5):
         step(resumed, model, generator)
@@ -317,7 +323,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         results = {}
         # 1. A DDP model: the estimator's communication hook sees the rank's gradient.
         model = DistributedDataParallel(_mlp())
-        noise = GradientNoiseScale(model)
+        noise = GradientNoiseScale(model, max_overhead=None)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for x, y in data:
             optimizer.zero_grad(set_to_none=True)
@@ -355,7 +361,7 @@ def test_ddp_two_ranks_equal_single_process(tmp_path: Path) -> None:
 
     # The same data in one process: each rank's half is one micro-batch.
     model = _mlp()
-    noise = GradientNoiseScale(model)
+    noise = GradientNoiseScale(model, max_overhead=None)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, y in _ddp_data(DDP_STEPS):
         optimizer.zero_grad(set_to_none=True)
@@ -460,3 +466,98 @@ def test_plot_noise_history_draws_the_estimate() -> None:
     ax = plot_noise_history(result)
     assert ax.get_xlabel() == "optimizer step"
     assert len(ax.lines) >= 1
+
+
+class _FakeClock:
+    """``time.perf_counter`` for the estimator: the test advances it for the training work, and
+    the estimator's tensor work (``_record``, ``_finish``) advances it by ``cost`` per call."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _costly(monkeypatch: pytest.MonkeyPatch, clock: _FakeClock, cost: float) -> None:
+    monkeypatch.setattr("batchpilot.noise.time.perf_counter", clock)
+    for name in ("_record", "_finish"):
+        original = getattr(GradientNoiseScale, name)
+
+        def timed(self: GradientNoiseScale, *args: Any, _original: Any = original) -> None:
+            clock.now += cost
+            _original(self, *args)
+
+        monkeypatch.setattr(GradientNoiseScale, name, timed)
+
+
+def _observed_regression(noise: GradientNoiseScale, steps: int, clock: _FakeClock | None) -> None:
+    model_params = noise._params
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        for param in model_params:
+            param.grad = None
+        for _ in range(2):
+            x, y = _regression_batch(16, generator)
+            loss = 0.5 * ((x @ model_params[0].view(-1) - y) ** 2).mean() / 2
+            loss.backward()
+            if clock is not None:
+                clock.now += 0.5  # the forward and backward of a micro-batch
+            noise.record_micro_batch(16)
+        noise.finish_step()
+
+
+def test_max_overhead_keeps_the_estimators_share_of_time_within_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = _FakeClock()
+    _costly(monkeypatch, clock, cost=0.02)
+    noise = GradientNoiseScale(_regression_model(), max_overhead=0.05)
+    _observed_regression(noise, 400, clock)
+    # An observed step costs the estimator 3 × 0.02 against 1.0 of training (~6%), so the 5%
+    # budget lets it observe most steps but not all of them.
+    assert noise._own_seconds / clock.now == pytest.approx(0.05, abs=0.002)
+    assert 0.7 * 400 < noise.steps < 0.9 * 400
+    assert noise.steps + noise.unobserved_steps == 400
+    assert noise.estimate().unobserved_steps == noise.unobserved_steps
+    # An expensive estimator (0.9 a step, about the step itself) is held to the budget too: it
+    # observes f of the steps with 0.9 f / (1 + 0.9 f) = 5%, f ≈ 5.8% (23 of 400).
+    clock = _FakeClock()
+    _costly(monkeypatch, clock, cost=0.3)
+    costly = GradientNoiseScale(_regression_model(), max_overhead=0.05)
+    _observed_regression(costly, 400, clock)
+    assert costly._own_seconds / clock.now == pytest.approx(0.05, abs=0.005)
+    assert 18 < costly.steps < 30
+    # Points stand for the steps since the one before: a constant noise scale stays constant.
+    points = costly.history
+    assert critical_batch_over_run(
+        [NoiseScalePoint(p.step, 64.0, 1.0, 64.0) for p in points], batch=16
+    ) == pytest.approx(64.0)
+    # The estimate is still the closed-form truth, from the steps it observed.
+    assert costly.estimate().noise_scale == pytest.approx(TRUE_TRACE / TRUE_GRADIENT_SQ, rel=0.5)
+
+
+def test_every_observes_a_fixed_subset_of_steps() -> None:
+    noise = GradientNoiseScale(_regression_model(), every=3, max_overhead=None)
+    _observed_regression(noise, 10, None)
+    assert [p.step for p in noise.history] == [1, 4, 7, 10]
+    assert noise.unobserved_steps == 6
+    with pytest.raises(BadInputError, match=r"max_overhead: expected .* got 0"):
+        GradientNoiseScale(_regression_model(), max_overhead=0)
+    with pytest.raises(BadInputError, match="every"):
+        GradientNoiseScale(_regression_model(), every=0)
+
+
+def test_critical_batch_over_run_weights_points_by_their_span() -> None:
+    # Two points: noise scale 16 standing for 1 step, 48 standing for 3 steps (observed at 1, 4).
+    points = [NoiseScalePoint(1, 16.0, 1.0, 16.0), NoiseScalePoint(4, 48.0, 1.0, 48.0)]
+    # Efficiency at batch 16: 1/2 and 1/4; S/S_min = 4 / (0.5 + 0.75); B_crit = 16 (S/S_min − 1).
+    assert critical_batch_over_run(points, batch=16) == pytest.approx(16 * (4 / 1.25 - 1))
+    # Finite population: the batch's noise is B_noise (N − B)/(B (N − 1)); N = 31, B = 16 → 1/32.
+    flat = [NoiseScalePoint(t, 20.0, 1.0, 20.0) for t in range(1, 6)]
+    assert critical_batch_over_run(flat, batch=16, dataset_size=31) == pytest.approx(20.0)
+    factor = 15 / (16 * 30)
+    expected = (4 / (1 / (1 + 16 * factor) + 3 / (1 + 48 * factor)) - 1) / factor
+    assert critical_batch_over_run(points, batch=16, dataset_size=31) == pytest.approx(expected)
+    # At the whole dataset there is no noise to weigh by: the span-weighted mean.
+    assert critical_batch_over_run(points, batch=31, dataset_size=31) == pytest.approx(40.0)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -61,6 +61,10 @@ SMOOTHING_WINDOW = 0.1
 # The rule behind `suggestion`; chosen by benchmarks/lr_find.py (see docs/lr-find.md).
 DEFAULT_METHOD: Method = "minimum_over_10"
 MIN_STEPS = 10
+# Verification candidates: besides each rule's suggestion, a ladder of lrs below the stability
+# edge (edge/2, edge/4, …, edge/2^VERIFY_RUNGS), then the two geometric midpoints around the best.
+VERIFY_RUNGS = 5
+VERIFY_FACTOR = 2.0
 
 ProgressFn = Callable[[int, int], None]
 
@@ -143,8 +147,10 @@ class LRFinderResult:
 
     ``lrs``, ``losses`` (raw, mean over repeats) and ``smoothed`` span the points every repeat
     reached. ``suggestion`` is ``suggestions[method]``; ``None`` with ``message`` saying why when
-    the curve shows no descent. ``spread[rule]`` holds the median and quartiles, in lr, of that
-    rule's suggestions from the single repeats.
+    the curve shows no descent. With ``verification``, ``suggestion`` is instead the candidate
+    that reached the lowest loss in the verification runs (``verification.best_lr``).
+    ``spread[rule]`` holds the median and quartiles, in lr, of that rule's suggestions from the
+    single repeats.
     """
 
     lrs: tuple[float, ...]
@@ -269,8 +275,9 @@ def find_lr(
     in data order; the lr is that of the optimizer's first parameter group; and afterwards model,
     optimizer and RNG are restored bitwise from CPU snapshots (:func:`batchpilot.state.preserved`).
 
-    ``verify_steps`` trains a fresh model for that many steps at each distinct suggestion
-    (:func:`verify_suggestions`) and reports which reached the lowest loss.
+    ``verify_steps`` trains a fresh model for that many steps at each rule's suggestion and on a
+    ladder below the lr where the test diverged (:func:`verify_ladder`); ``suggestion`` is then
+    the lr that reached the lowest loss (the validation loss, when the task has validation data).
     ``smoothing`` is the β of the debiased moving average; by default ``1 - 10/steps``, a
     window of a tenth of the test. ``on_step(done, total)`` is called after every optimizer step.
     """
@@ -371,23 +378,126 @@ def find_lr(
         diverged_at=min(diverged) if diverged else None,
         seconds=time.perf_counter() - start,
     )
-    if verify_steps is None or result.suggestion is None:
+    if verify_steps is None:
         return result
-    verification = verify_suggestions(
+    verification = verify_ladder(
         task,
-        result.suggestions,
+        result,
         micro_batch=micro_batch,
         accumulation_steps=accumulation_steps,
         steps=verify_steps,
         seed=seed,
         device=run_device,
     )
-    return replace(result, verification=verification)
+    notes = result.notes
+    if verification.best_lr is not None and result.suggestion is None:
+        notes = (
+            *notes,
+            "the range test shows no descent: the lr comes from the verification runs alone",
+        )
+    return replace(
+        result,
+        verification=verification,
+        suggestion=verification.best_lr,
+        notes=notes,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def stability_edge(result: LRFinderResult) -> float | None:
+    """The lr where training broke down in the range test: the smallest lr at which a repeat
+    diverged, else the largest lr every repeat reached (``None`` for an empty curve)."""
+    if result.diverged_at is not None:
+        return result.diverged_at
+    return result.lrs[-1] if result.lrs else None
+
+
+def verification_candidates(
+    result: LRFinderResult, *, rungs: int = VERIFY_RUNGS, factor: float = VERIFY_FACTOR
+) -> dict[str, float]:
+    """Name → lr of the first verification round: each rule's suggestion, and ``edge/factor``,
+    ``edge/factor²``, … (``rungs`` of them) below the :func:`stability_edge`.
+
+    The rules read the curve; the ladder covers the stable range below the edge, where the best
+    lr for a real training budget usually lies (often well above what the rules read off a
+    short test), also when the curve shows no descent at all.
+    """
+    check_positive_int("rungs", rungs)
+    candidates = {name: lr for name, lr in result.suggestions.items() if lr is not None}
+    edge = stability_edge(result)
+    if edge is not None:
+        for k in range(1, rungs + 1):
+            lr = edge / factor**k
+            if lr >= result.min_lr:
+                candidates[f"edge/{factor**k:g}"] = lr
+    return candidates
+
+
+def verify_ladder(
+    task: Task,
+    result: LRFinderResult,
+    *,
+    micro_batch: int,
+    accumulation_steps: int = 1,
+    steps: int,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    rungs: int = VERIFY_RUNGS,
+    factor: float = VERIFY_FACTOR,
+) -> Verification:
+    """Verify the :func:`verification_candidates`, then the geometric midpoints on either side of
+    the best one (``best·√factor`` and ``best/√factor``, when below the edge); the lowest loss
+    over both rounds wins."""
+    first = verify_suggestions(
+        task,
+        verification_candidates(result, rungs=rungs, factor=factor),
+        micro_batch=micro_batch,
+        accumulation_steps=accumulation_steps,
+        steps=steps,
+        seed=seed,
+        device=device,
+    )
+    if first.best_lr is None:
+        return first
+    edge = stability_edge(result)
+    step = math.sqrt(factor)
+    tried = [c.lr for c in first.candidates]
+    around = {
+        f"refine ×{step:.3g}": first.best_lr * step,
+        f"refine ÷{step:.3g}": first.best_lr / step,
+    }
+    around = {
+        name: lr
+        for name, lr in around.items()
+        if (edge is None or lr < edge)
+        and lr >= result.min_lr
+        and all(abs(math.log(lr / other)) > 0.1 for other in tried)
+    }
+    if not around:
+        return first
+    second = verify_suggestions(
+        task,
+        around,
+        micro_batch=micro_batch,
+        accumulation_steps=accumulation_steps,
+        steps=steps,
+        seed=seed,
+        device=device,
+    )
+    candidates = (*first.candidates, *second.candidates)
+    finite = [c for c in candidates if math.isfinite(c.loss)]
+    best = min(finite, key=lambda c: c.loss) if finite else None
+    return replace(
+        first,
+        candidates=candidates,
+        best_lr=None if best is None else best.lr,
+        best_methods=() if best is None else best.methods,
+    )
 
 
 def verify_suggestions(
     task: Task,
-    suggestions: dict[str, float | None],
+    suggestions: Mapping[str, float | None],
     *,
     micro_batch: int,
     accumulation_steps: int = 1,
@@ -612,5 +722,8 @@ __all__ = [
     "default_smoothing",
     "find_lr",
     "lr_schedule",
+    "stability_edge",
+    "verification_candidates",
+    "verify_ladder",
     "verify_suggestions",
 ]

@@ -58,6 +58,11 @@ Reduction = Literal["mean", "sum"]
 _FLUSH_EVERY = 32
 DEFAULT_EMA_DECAY = 0.95
 DEFAULT_BLOCK_STEPS = 5
+# The share of training time the estimator's own calls may take by default (single process): it
+# skips steps while its own time is above this share of the time since it started. Outside its
+# calls it costs a little more (allocations, caches: +1-2% of a step on the small CPU examples of
+# benchmarks/critical_batch.py), so 3% keeps the whole overhead within 5%.
+DEFAULT_MAX_OVERHEAD = 0.03
 
 
 class NoiseScaleWarning(UserWarning):
@@ -167,6 +172,7 @@ class NoiseScaleEstimate:
     trace_covariance: float
     steps: int
     skipped_steps: int
+    unobserved_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -213,6 +219,15 @@ class GradientNoiseScale:
         process_group: the group of the all-reduces (default: the DDP model's, else the world).
         warn_batchnorm: warn once when BatchNorm in training mode normalises each micro-batch
             on its own, so that micro-batching changes what the model computes.
+        every: observe one step in ``every`` (1: all); the others pass through untouched.
+        max_overhead: single process only: the largest share of the wall time since the first
+            step that the estimator's own calls may take (default 0.03; with what it costs
+            outside its calls, under 5% of the step time). A step is observed only
+            while the estimator is within it, so on a small model, where one observed step costs
+            a large share of a step, it observes a fraction of the steps and the overhead stays
+            at the budget. ``None`` observes every (``every``-th) step, and makes which steps are
+            observed independent of timing. Under ``distributed`` the ranks must observe the same
+            steps, so only ``every`` applies there.
     """
 
     def __init__(
@@ -227,6 +242,8 @@ class GradientNoiseScale:
         distributed: bool | None = None,
         process_group: Any = None,
         warn_batchnorm: bool = True,
+        every: int = 1,
+        max_overhead: float | None = DEFAULT_MAX_OVERHEAD,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise BadInputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -239,6 +256,16 @@ class GradientNoiseScale:
         check_positive_int("block_steps", block_steps)
         if dataset_size is not None:
             check_positive_int("dataset_size", dataset_size)
+        check_positive_int("every", every)
+        if max_overhead is not None:
+            if isinstance(max_overhead, bool) or not (
+                isinstance(max_overhead, float | int) and 0.0 < max_overhead <= 1.0
+            ):
+                raise BadInputError(
+                    f"max_overhead: expected a share of the step time in (0, 1] or None, "
+                    f"got {max_overhead!r}"
+                )
+            max_overhead = float(max_overhead)
         is_ddp = isinstance(model, DistributedDataParallel)
         self.distributed = is_ddp if distributed is None else bool(distributed)
         if self.distributed and not (dist.is_available() and dist.is_initialized()):
@@ -251,8 +278,16 @@ class GradientNoiseScale:
         self.scaler = scaler
         self.dataset_size = dataset_size
         self.warn_batchnorm = warn_batchnorm
+        self.every = every
+        self.max_overhead = None if self.distributed else max_overhead
         self.warnings: list[str] = []
         self._skipped = 0
+        # Sampling: whether the step in progress is observed (None: not decided yet), the
+        # estimator's own wall time and the wall time since its first call.
+        self._observing: bool | None = None
+        self._unobserved = 0
+        self._own_seconds = 0.0
+        self._started: float | None = None
         self._model = model
         self._params = [p for p in model.parameters() if p.requires_grad]
         if not self._params:
@@ -301,6 +336,16 @@ class GradientNoiseScale:
 
     def record_micro_batch(self, batch_size: int) -> None:
         """Note the gradient of the micro-batch whose backward just ran (``batch_size`` samples)."""
+        if self._observing is False:  # a step passed through: as little work as possible
+            return
+        start = time.perf_counter()
+        if self._observing is None:
+            self._observing = self._decide(start)
+        if self._observing:
+            self._record(batch_size)
+        self._own_seconds += time.perf_counter() - start
+
+    def _record(self, batch_size: int) -> None:
         check_positive_int("batch_size", batch_size)
         if self.distributed:
             raise BadInputError(
@@ -324,6 +369,18 @@ class GradientNoiseScale:
         self._part_norms.append(norms[0] if len(norms) == 1 else _combine(norms))
         self._part_sizes.append(batch_size)
         self._previous = current
+
+    def _decide(self, now: float) -> bool:
+        """Whether the step now starting is observed: every ``every``-th one, and in a single
+        process only while the estimator's own time is within ``max_overhead`` of the time since
+        its first call."""
+        if self._started is None:
+            self._started = now
+        if self._calls % self.every:
+            return False
+        if self.max_overhead is None or self.distributed:
+            return True
+        return self._own_seconds <= self.max_overhead * (now - self._started)
 
     def _gradients(self, caller: str) -> list[torch.Tensor]:
         grads = [p.grad for p in self._params]
@@ -381,7 +438,27 @@ class GradientNoiseScale:
 
         In distributed mode ``batch_size`` is this rank's samples in the step (required).
         """
+        if self.distributed and batch_size is None:
+            raise BadInputError(
+                "batch_size: in distributed mode finish_step needs this rank's batch"
+            )
+        if self._observing is False:  # decided at the step's first micro-batch
+            self._observing = None
+            self._calls += 1
+            self._unobserved += 1
+            return
+        start = time.perf_counter()
+        observing = self._decide(start) if self._observing is None else self._observing
+        self._observing = None
         self._calls += 1
+        if observing:
+            self._finish(batch_size)
+        else:
+            self._unobserved += 1
+            self._local_sq, self._syncs = None, 0
+        self._own_seconds += time.perf_counter() - start
+
+    def _finish(self, batch_size: int | None) -> None:
         try:
             entry = self._distributed_entry(batch_size) if self.distributed else self._local_entry()
         finally:
@@ -558,6 +635,11 @@ class GradientNoiseScale:
         return len(self._steps)
 
     @property
+    def unobserved_steps(self) -> int:
+        """Steps passed through without being observed (``every``, ``max_overhead``)."""
+        return self._unobserved
+
+    @property
     def history(self) -> tuple[NoiseScalePoint, ...]:
         """The running estimate after every step that entered it."""
         self._flush()
@@ -568,7 +650,7 @@ class GradientNoiseScale:
         self._flush()
         if not self._steps:
             nan = math.nan
-            return NoiseScaleEstimate(nan, (nan, nan), nan, nan, 0, self._skipped)
+            return NoiseScaleEstimate(nan, (nan, nan), nan, nan, 0, self._skipped, self._unobserved)
         _, interval = ratio_interval(
             self._gradient_sq, self._traces, ema_decay=self.ema_decay, block_steps=self.block_steps
         )
@@ -580,6 +662,7 @@ class GradientNoiseScale:
             trace_covariance=last.trace_covariance,
             steps=len(self._steps),
             skipped_steps=self._skipped,
+            unobserved_steps=self._unobserved,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -590,6 +673,7 @@ class GradientNoiseScale:
             "block_steps": self.block_steps,
             "calls": self._calls,
             "skipped_steps": self._skipped,
+            "unobserved_steps": self._unobserved,
             "steps": list(self._steps),
             "gradient_sq_norms": list(self._gradient_sq),
             "traces": list(self._traces),
@@ -604,6 +688,7 @@ class GradientNoiseScale:
         self.block_steps = int(state["block_steps"])
         self._calls = int(state["calls"])
         self._skipped = int(state["skipped_steps"])
+        self._unobserved = int(state.get("unobserved_steps", 0))
         self._steps = [int(s) for s in state["steps"]]
         self._gradient_sq = [float(v) for v in state["gradient_sq_norms"]]
         self._traces = [float(v) for v in state["traces"]]
@@ -613,6 +698,7 @@ class GradientNoiseScale:
     def release(self) -> None:
         """Free the gradient copy kept between micro-batches (a step in progress is dropped)."""
         self._previous, self._part_norms, self._part_sizes = None, [], []
+        self._observing = None
 
     # ----------------------------------------------------------------------- helpers
 
@@ -687,7 +773,9 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else math.inf
 
 
-def critical_batch_over_run(history: Sequence[NoiseScalePoint], *, batch: int) -> float:
+def critical_batch_over_run(
+    history: Sequence[NoiseScalePoint], *, batch: int, dataset_size: int | None = None
+) -> float:
     """The critical batch of a whole run at ``batch``, from the noise scale along it.
 
     Locally ``S = S_min (1 + B_noise/B)``: a step at batch ``B`` makes ``1/(1 + B_noise/B)`` of the
@@ -696,6 +784,12 @@ def critical_batch_over_run(history: Sequence[NoiseScalePoint], *, batch: int) -
     weighted by progress (McCandlish et al. 2018, appendix D). It is what the steps-to-target of a
     run predicts; the noise scale at the end of a run is larger, at the start smaller.
 
+    Each point stands for the steps since the one before it (an estimator that observes one step
+    in four gives points four steps apart). With ``dataset_size`` N the batch's noise is the
+    finite-population ``B_noise (N − B)/(B (N − 1))`` instead of ``B_noise/B``, and the result is
+    the ``B_crit`` of ``S = S_N (1 + B_crit (N − B)/(B (N − 1)))`` (the law of batches drawn
+    without replacement; at ``B = N`` the progress-weighted mean itself).
+
     >>> points = [NoiseScalePoint(t, b, 1.0, b) for t, b in enumerate([10.0, 30.0], start=1)]
     >>> round(critical_batch_over_run(points, batch=10), 3)
     16.667
@@ -703,14 +797,25 @@ def critical_batch_over_run(history: Sequence[NoiseScalePoint], *, batch: int) -
     check_positive_int("batch", batch)
     if not history:
         return math.nan
-    # An infinite noise scale (no measurable signal) makes no progress: weight 0, B·w·B_n/B = B.
+    factor = 1.0 / batch if dataset_size is None else _finite_population(batch, dataset_size)
+    spans, previous = [], 0
+    for point in history:
+        spans.append(max(point.step - previous, 1))
+        previous = point.step
+    if factor == 0.0:  # the whole dataset: no gradient noise, every step ideal
+        finite = [(s, p.noise_scale) for s, p in zip(spans, history, strict=True)]
+        finite = [(s, b) for s, b in finite if math.isfinite(b)]
+        if not finite:
+            return math.inf
+        return sum(s * b for s, b in finite) / sum(s for s, _ in finite)
+    # An infinite noise scale (no measurable signal) makes no progress: weight 0.
     weights = [
-        0.0 if math.isinf(p.noise_scale) else 1.0 / (1.0 + p.noise_scale / batch) for p in history
+        0.0 if math.isinf(p.noise_scale) else 1.0 / (1.0 + p.noise_scale * factor) for p in history
     ]
-    ideal_steps = sum(weights)
+    ideal_steps = sum(s * w for s, w in zip(spans, weights, strict=True))
     if ideal_steps <= 0:
         return math.inf
-    return batch * (len(history) / ideal_steps - 1.0)
+    return (sum(spans) / ideal_steps - 1.0) / factor
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -807,6 +912,7 @@ def measure_noise_scale(
             ema_decay=ema_decay,
             block_steps=block_steps,
             dataset_size=task.train_size,
+            max_overhead=None,  # a measuring run: every step counts
         )
         source = micro_batch_source(task, micro, seed=seed)
         losses: list[float] = []
@@ -849,7 +955,7 @@ def measure_noise_scale(
         steps=len(losses),
         noise_scale=estimate.noise_scale,
         noise_scale_interval=estimate.noise_scale_interval,
-        critical_batch=critical_batch_over_run(history, batch=batch),
+        critical_batch=critical_batch_over_run(history, batch=batch, dataset_size=task.train_size),
         gradient_sq_norm=estimate.gradient_sq_norm,
         trace_covariance=estimate.trace_covariance,
         skipped_steps=estimate.skipped_steps,

@@ -83,7 +83,11 @@ def lr_find_command(
         int | None,
         typer.Option(
             "--verify-steps",
-            help="Also train a fresh model this many steps at each suggestion and compare losses.",
+            help=(
+                "Also train a fresh model this many steps (ideally the length of your run) at "
+                "each suggestion and on a ladder below the divergence point; the lowest loss "
+                "becomes the suggestion."
+            ),
         ),
     ] = None,
     out: Annotated[
@@ -196,7 +200,32 @@ def _render(
             )
         table.add_row(*row)
     console.print(table)
-    if result.suggestion is not None:
+    verification = result.verification
+    if verification is not None:
+        runs = Table(
+            title=(
+                f"verification: {verification.steps} training steps per lr, "
+                f"{verification.split} loss (lowest wins)"
+            )
+        )
+        runs.add_column("lr", justify="right")
+        runs.add_column("candidate")
+        runs.add_column(f"{verification.split} loss", justify="right")
+        for check in sorted(verification.candidates, key=lambda c: c.lr):
+            mark = " ←" if check.lr == verification.best_lr else ""
+            runs.add_row(
+                f"{check.lr:.3g}{mark}",
+                ", ".join(check.methods),
+                "diverged" if check.diverged else f"{check.loss:.4f}",
+            )
+        console.print(runs)
+    if result.suggestion is not None and verification is not None:
+        console.print(
+            f"suggested lr: [bold]{result.suggestion:.3g}[/bold] (verified: "
+            f"{', '.join(verification.best_methods)}; the lowest {verification.split} loss after "
+            f"{verification.steps} steps)"
+        )
+    elif result.suggestion is not None:
         console.print(f"suggested lr: [bold]{result.suggestion:.3g}[/bold] ({result.method})")
     if result.message:
         console.print(f"[yellow]{result.message}[/yellow]")
@@ -206,11 +235,5 @@ def _render(
         )
     for note in result.notes:
         console.print(f"• {note}")
-    if result.verification is not None and result.verification.best_lr is not None:
-        console.print(
-            f"verified: lr {result.verification.best_lr:.3g} "
-            f"({', '.join(result.verification.best_methods)}) reached the lowest "
-            f"{result.verification.split} loss after {result.verification.steps} steps"
-        )
     if files.get("plot"):
         console.print(f"plot: {files['plot']}  data: {files['json']}")

@@ -53,7 +53,7 @@ from batchpilot.data import batch_size as samples_in
 from batchpilot.errors import BadInputError
 from batchpilot.goodput import Throughput
 from batchpilot.integrations import missing_extra
-from batchpilot.noise import GradientNoiseScale, NoiseScaleWarning
+from batchpilot.noise import DEFAULT_MAX_OVERHEAD, GradientNoiseScale, NoiseScaleWarning
 from batchpilot.runtime import distributed_world
 from batchpilot.scaling import check_positive_int
 from batchpilot.schedules import BatchSchedule
@@ -90,6 +90,9 @@ class BatchpilotTrainerCallback(TrainerCallback):
         every_n_steps: read the estimate for the gain every that many steps (reading it
             synchronises the device); it is read at every log as well.
         ema_decay: the estimator's moving-average decay.
+        max_overhead: the share of the step time the estimator may take (single process; it
+            observes fewer steps to stay within it; ``None``: every step). See
+            :class:`~batchpilot.noise.GradientNoiseScale`.
         trainer: the Trainer, needed only under DDP (to see its wrapped model).
     """
 
@@ -103,6 +106,7 @@ class BatchpilotTrainerCallback(TrainerCallback):
         base_batch: int | None = None,
         every_n_steps: int = 10,
         ema_decay: float = 0.95,
+        max_overhead: float | None = DEFAULT_MAX_OVERHEAD,
         trainer: Any = None,
     ) -> None:
         if _IMPORT_ERROR is not None:
@@ -128,6 +132,7 @@ class BatchpilotTrainerCallback(TrainerCallback):
         self.base_batch = base_batch
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
         self.ema_decay = ema_decay
+        self.max_overhead = max_overhead
         self.trainer = trainer
         self.noise_scale = math.nan
         self.noise: GradientNoiseScale | None = None
@@ -175,7 +180,9 @@ class BatchpilotTrainerCallback(TrainerCallback):
                 stacklevel=2,
             )
             return
-        self.noise = GradientNoiseScale(model, ema_decay=self.ema_decay, distributed=False)
+        self.noise = GradientNoiseScale(
+            model, ema_decay=self.ema_decay, distributed=False, max_overhead=self.max_overhead
+        )
         self._hook(model)
 
     def _hook(self, model: nn.Module) -> None:

@@ -45,7 +45,7 @@ from batchpilot.data import batch_size as samples_in
 from batchpilot.errors import BadInputError
 from batchpilot.goodput import Throughput
 from batchpilot.integrations import missing_extra
-from batchpilot.noise import GradientNoiseScale, NoiseScaleWarning
+from batchpilot.noise import DEFAULT_MAX_OVERHEAD, GradientNoiseScale, NoiseScaleWarning
 from batchpilot.pitfalls import Pitfall, check_batchnorm, warn_pitfalls
 from batchpilot.runtime import apply_lr, resplit
 from batchpilot.sampler import ScheduledBatchSampler
@@ -84,6 +84,9 @@ class BatchpilotCallback(Callback):
         every_n_steps: read and log the estimate every that many optimizer steps (reading it
             synchronises the device).
         ema_decay: the estimator's moving-average decay.
+        max_overhead: the share of the step time the estimator may take (single process; it
+            observes fewer steps to stay within it; ``None``: every step). See
+            :class:`~batchpilot.noise.GradientNoiseScale`.
         check_pitfalls: warn about multi-device pitfalls before fit.
     """
 
@@ -99,6 +102,7 @@ class BatchpilotCallback(Callback):
         base_batch: int | None = None,
         every_n_steps: int = 1,
         ema_decay: float = 0.95,
+        max_overhead: float | None = DEFAULT_MAX_OVERHEAD,
         check_pitfalls: bool = True,
     ) -> None:
         if _IMPORT_ERROR is not None:
@@ -129,6 +133,7 @@ class BatchpilotCallback(Callback):
         self.base_batch = base_batch
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
         self.ema_decay = ema_decay
+        self.max_overhead = max_overhead
         self.check_pitfalls = check_pitfalls
         self.noise: GradientNoiseScale | None = None
         self.setting: BatchSetting | None = None
@@ -171,7 +176,10 @@ class BatchpilotCallback(Callback):
         if model is None:  # pragma: no cover - a strategy without a model
             return
         self.noise = GradientNoiseScale(
-            model, ema_decay=self.ema_decay, distributed=self._distributed or None
+            model,
+            ema_decay=self.ema_decay,
+            distributed=self._distributed or None,
+            max_overhead=self.max_overhead,
         )
         if self._noise_state is not None:
             self.noise.load_state_dict(self._noise_state)
