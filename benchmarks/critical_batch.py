@@ -488,10 +488,15 @@ def plot(results: list[ExampleResult], path: Path) -> None:
                 ls=":",
                 label=f"fitted B_crit {fit.critical_batch:.3g}",
             )
-        if result.noise is not None and math.isfinite(result.noise.critical_batch):
+        estimate = (
+            as_one_over_b_law(result.noise.critical_batch, result.train_size)
+            if result.noise is not None
+            else math.nan
+        )
+        if math.isfinite(estimate):
             ax.axvline(
-                result.noise.critical_batch, color="C2", ls="--",
-                label=f"noise-scale estimate {result.noise.critical_batch:.3g}",
+                estimate, color="C2", ls="--",
+                label=f"noise-scale estimate {estimate:.3g}",
             )  # fmt: skip
         ax.set_title(f"{result.setup.example}: loss ≤ {result.setup.target_loss}")
         ax.set_xlabel("batch")
@@ -528,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.examples:
         setup = SETUPS[name]
         task = load_task(example=name)
-        steps = args.overhead_steps if name != "digits" else max(20, args.overhead_steps // 3)
+        steps = args.overhead_steps
         overheads[name] = step_overhead(task, setup.measure_batch, steps=steps)
     print_tables(results, overheads)
     print()
