@@ -372,37 +372,50 @@ def test_fresh_task_runs_leave_the_global_rng_alone() -> None:
 def test_verification_trains_the_rules_and_a_ladder_below_the_edge() -> None:
     task = _regression()
     result = find_lr(
-        task, micro_batch=64, min_lr=1e-4, max_lr=100.0, steps=40, repeats=1, verify_steps=15
+        task,
+        micro_batch=64,
+        min_lr=1e-4,
+        max_lr=100.0,
+        steps=40,
+        repeats=1,
+        verify_steps=15,
+        verify_seeds=2,
     )
     check = result.verification
-    assert check is not None and check.split == "val"
+    assert check is not None and check.split == "val" and check.seeds == 2
     edge = stability_edge(result)
     assert result.diverged_at is not None and edge == result.diverged_at
     first_round = verification_candidates(result)
-    # Each rule's suggestion, and edge/2 … edge/32.
-    assert {lr for name, lr in first_round.items() if name in METHODS} == {
-        v for v in result.suggestions.values() if v is not None
-    }
-    ladder = sorted(lr for name, lr in first_round.items() if name.startswith("edge/"))
-    assert ladder == pytest.approx([edge / 2**k for k in range(5, 0, -1)])
-    tried = {c.lr for c in check.candidates}
-    assert set(first_round.values()) <= tried
-    # The second round: the geometric midpoints around the first round's best.
-    first_best = min(
-        (c for c in check.candidates if c.lr in set(first_round.values()) and not c.diverged),
-        key=lambda c: c.loss,
+    # The ladder: the five largest powers of 2 at least √2 below the edge.
+    ladder = sorted(lr for name, lr in first_round.items() if "edge/" in name)
+    top = 2.0 ** math.floor(math.log2(edge / math.sqrt(2)))
+    assert ladder == [top / 2**k for k in range(4, -1, -1)]
+    assert top <= edge / math.sqrt(2) < 2 * top
+    # Each rule's suggestion, rounded to the nearest power of √2.
+    for name, lr in result.suggestions.items():
+        assert lr is not None
+        snapped = next(v for k, v in first_round.items() if name in k.split(" & "))
+        assert math.log2(snapped) * 2 == round(math.log2(snapped) * 2)
+        assert abs(math.log2(snapped / lr)) <= 0.25 + 1e-9
+    tried = {c.lr: c for c in check.candidates}
+    assert set(first_round.values()) <= set(tried)
+    # Successive halving: the three best of round one got a second seed; refinements got both.
+    singles = [c for c in tried.values() if len(c.losses) == 1]
+    doubles = [c for c in tried.values() if len(c.losses) == 2]
+    assert all(c.loss == pytest.approx(float(np.mean(c.losses))) for c in doubles if not c.diverged)
+    firsts = sorted(
+        (c for c in tried.values() if c.lr in set(first_round.values())), key=lambda c: c.losses[0]
     )
-    for c in check.candidates:
-        if c.lr not in set(first_round.values()):
-            ratio = c.lr / first_best.lr
-            assert ratio == pytest.approx(math.sqrt(2)) or ratio == pytest.approx(1 / math.sqrt(2))
-            assert c.lr < edge
-    best = min(check.candidates, key=lambda c: c.loss)
+    finite_firsts = [c for c in firsts if math.isfinite(c.losses[0])]
+    assert {c.lr for c in finite_firsts[:3]} <= {c.lr for c in doubles}
+    assert all(c.lr in set(first_round.values()) for c in singles)
+    refined = [c for c in tried.values() if c.lr not in set(first_round.values())]
+    assert refined and all(c.lr < edge and len(c.losses) == 2 for c in refined)
+    # The winner: the lowest mean loss among the candidates trained with both seeds.
+    best = min((c for c in doubles if not c.diverged), key=lambda c: c.loss)
     assert check.best_lr == best.lr and set(check.best_methods) == set(best.methods)
-    # The verified lr is the suggestion, and it trains at least as well as every rule's.
+    assert check.runs == len(singles) + 2 * len(doubles)
     assert result.suggestion == best.lr
-    rules = [c.loss for c in check.candidates if set(c.methods) & set(METHODS)]
-    assert best.loss <= min(rules)
     assert json.loads(json.dumps(result.to_dict()))["verification"]["best_lr"] == best.lr
 
 
@@ -411,12 +424,16 @@ def test_verification_answers_when_the_curve_shows_no_descent() -> None:
     from batchpilot.loading import load_task
 
     task = load_task(example="spiral")
-    result = find_lr(task, micro_batch=10, steps=60, repeats=1, verify_steps=30)
+    result = find_lr(task, micro_batch=10, steps=60, repeats=1, verify_steps=30, verify_seeds=1)
     assert result.message is not None and result.message.startswith("no descent found")
     assert result.suggestions == dict.fromkeys(METHODS, None)
     assert result.verification is not None and result.suggestion == result.verification.best_lr
     assert result.suggestion is not None and result.suggestion < stability_edge(result)  # type: ignore[operator]
     assert any("verification runs alone" in note for note in result.notes)
+    # The plot marks the verified lr.
+    lines = plot_lr_find(result).get_lines()
+    verified = [line for line in lines if str(line.get_label()).startswith("verified")]
+    assert len(verified) == 1 and verified[0].get_xdata()[0] == result.suggestion
 
 
 @pytest.mark.parametrize(

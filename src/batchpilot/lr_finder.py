@@ -61,10 +61,14 @@ SMOOTHING_WINDOW = 0.1
 # The rule behind `suggestion`; chosen by benchmarks/lr_find.py (see docs/lr-find.md).
 DEFAULT_METHOD: Method = "minimum_over_10"
 MIN_STEPS = 10
-# Verification candidates: besides each rule's suggestion, a ladder of lrs below the stability
-# edge (edge/2, edge/4, …, edge/2^VERIFY_RUNGS), then the two geometric midpoints around the best.
+# Verification candidates lie on a fixed grid of powers of √2 (so that repeated tests propose the
+# same lrs): a ladder of VERIFY_RUNGS powers of 2 below the stability edge plus each rule's
+# suggestion rounded to the grid, then the two grid points around the best. The best
+# VERIFY_FINALISTS of the first round are re-trained with more seeds (VERIFY_SEEDS in all).
 VERIFY_RUNGS = 5
 VERIFY_FACTOR = 2.0
+VERIFY_SEEDS = 3
+VERIFY_FINALISTS = 3
 
 ProgressFn = Callable[[int, int], None]
 
@@ -97,13 +101,14 @@ class RangeRun:
 
 @dataclass(frozen=True)
 class CandidateCheck:
-    """A short training run at one suggested lr."""
+    """Training runs at one candidate lr: ``loss`` is the mean of ``losses``, one per seed."""
 
     lr: float
     methods: tuple[str, ...]
     loss: float
     metric: float | None
     diverged: bool
+    losses: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,15 +117,17 @@ class CandidateCheck:
             "loss": self.loss,
             "metric": self.metric,
             "diverged": self.diverged,
+            "losses": list(self.losses),
         }
 
 
 @dataclass(frozen=True)
 class Verification:
-    """Which suggested lr reached the lowest loss after ``steps`` steps of real training.
+    """Which candidate lr reached the lowest loss after ``steps`` steps of real training.
 
     ``split`` says whether ``loss`` is the final validation loss, or (a task without validation
-    data) the mean training loss of the last tenth of the steps.
+    data) the mean training loss of the last tenth of the steps. The winner is the lowest mean
+    loss among the candidates trained with all ``seeds`` seeds (``seed``, ``seed + 1``, …).
     """
 
     steps: int
@@ -129,11 +136,19 @@ class Verification:
     candidates: tuple[CandidateCheck, ...]
     best_lr: float | None
     best_methods: tuple[str, ...]
+    seeds: int = 1
+
+    @property
+    def runs(self) -> int:
+        """Training runs of ``steps`` steps behind the verification."""
+        return sum(max(1, len(c.losses)) for c in self.candidates)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "steps": self.steps,
             "seed": self.seed,
+            "seeds": self.seeds,
+            "runs": self.runs,
             "split": self.split,
             "candidates": [c.to_dict() for c in self.candidates],
             "best_lr": self.best_lr,
@@ -264,6 +279,7 @@ def find_lr(
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     verify_steps: int | None = None,
+    verify_seeds: int = VERIFY_SEEDS,
     on_step: ProgressFn | None = None,
 ) -> LRFinderResult:
     """Run the range test ``repeats`` times and suggest a learning rate.
@@ -275,9 +291,10 @@ def find_lr(
     in data order; the lr is that of the optimizer's first parameter group; and afterwards model,
     optimizer and RNG are restored bitwise from CPU snapshots (:func:`batchpilot.state.preserved`).
 
-    ``verify_steps`` trains a fresh model for that many steps at each rule's suggestion and on a
-    ladder below the lr where the test diverged (:func:`verify_ladder`); ``suggestion`` is then
-    the lr that reached the lowest loss (the validation loss, when the task has validation data).
+    ``verify_steps`` trains fresh models for that many steps at each rule's suggestion and on a
+    ladder below the lr where the test diverged, the best with ``verify_seeds`` seeds
+    (:func:`verify_ladder`); ``suggestion`` is then the lr that reached the lowest mean loss (the
+    validation loss, when the task has validation data).
     ``smoothing`` is the β of the debiased moving average; by default ``1 - 10/steps``, a
     window of a tenth of the test. ``on_step(done, total)`` is called after every optimizer step.
     """
@@ -306,6 +323,7 @@ def find_lr(
     chosen = check_method(method)
     if verify_steps is not None:
         check_positive_int("verify_steps", verify_steps)
+    check_positive_int("verify_seeds", verify_seeds)
     if micro_batch > task.train_size:
         raise BadInputError(
             f"micro_batch: {micro_batch} is larger than the training set ({task.train_size} samples)"
@@ -387,6 +405,7 @@ def find_lr(
         accumulation_steps=accumulation_steps,
         steps=verify_steps,
         seed=seed,
+        seeds=verify_seeds,
         device=run_device,
     )
     notes = result.notes
@@ -412,25 +431,41 @@ def stability_edge(result: LRFinderResult) -> float | None:
     return result.lrs[-1] if result.lrs else None
 
 
+def _grid_exponent(lr: float, factor: float) -> float:
+    return math.log(lr) / math.log(factor)
+
+
 def verification_candidates(
     result: LRFinderResult, *, rungs: int = VERIFY_RUNGS, factor: float = VERIFY_FACTOR
 ) -> dict[str, float]:
-    """Name → lr of the first verification round: each rule's suggestion, and ``edge/factor``,
-    ``edge/factor²``, … (``rungs`` of them) below the :func:`stability_edge`.
+    """Name → lr of the first verification round, on the grid of powers of ``√factor``.
 
+    The ladder: the ``rungs`` largest powers of ``factor`` at least ``√factor`` below the
+    :func:`stability_edge` (named ``"edge/8"`` and so on, by how far below the edge they are, to
+    the nearest power of ``√factor``). The rules: each suggestion rounded to the nearest grid point.
     The rules read the curve; the ladder covers the stable range below the edge, where the best
-    lr for a real training budget usually lies (often well above what the rules read off a
-    short test), also when the curve shows no descent at all.
+    lr for a real training budget usually lies (often above what the rules read off a short
+    test), also when the curve shows no descent at all. A fixed grid makes repeated tests, whose
+    edges differ a little, propose the same lrs.
     """
     check_positive_int("rungs", rungs)
-    candidates = {name: lr for name, lr in result.suggestions.items() if lr is not None}
+    if not (isinstance(factor, int | float) and factor > 1.0):
+        raise BadInputError(f"factor: expected a number above 1, got {factor!r}")
+    named: dict[float, list[str]] = {}
+    for name, lr in result.suggestions.items():
+        if lr is not None:
+            snapped = factor ** (round(2 * _grid_exponent(lr, factor)) / 2)
+            named.setdefault(snapped, []).append(name)
     edge = stability_edge(result)
     if edge is not None:
-        for k in range(1, rungs + 1):
-            lr = edge / factor**k
-            if lr >= result.min_lr:
-                candidates[f"edge/{factor**k:g}"] = lr
-    return candidates
+        top = math.floor(_grid_exponent(edge, factor) - 0.5 + 1e-9)
+        for k in range(top, top - rungs, -1):
+            lr = factor**k
+            if lr < result.min_lr:
+                break
+            below = factor ** (round(2 * _grid_exponent(edge / lr, factor)) / 2)
+            named.setdefault(lr, []).append(f"edge/{below:.3g}")
+    return {" & ".join(names): lr for lr, names in named.items()}
 
 
 def verify_ladder(
@@ -441,57 +476,84 @@ def verify_ladder(
     accumulation_steps: int = 1,
     steps: int,
     seed: int = 0,
+    seeds: int = VERIFY_SEEDS,
+    finalists: int = VERIFY_FINALISTS,
     device: torch.device | str = "cpu",
     rungs: int = VERIFY_RUNGS,
     factor: float = VERIFY_FACTOR,
 ) -> Verification:
-    """Verify the :func:`verification_candidates`, then the geometric midpoints on either side of
-    the best one (``best·√factor`` and ``best/√factor``, when below the edge); the lowest loss
-    over both rounds wins."""
-    first = verify_suggestions(
-        task,
-        verification_candidates(result, rungs=rungs, factor=factor),
-        micro_batch=micro_batch,
-        accumulation_steps=accumulation_steps,
-        steps=steps,
-        seed=seed,
-        device=device,
-    )
-    if first.best_lr is None:
-        return first
+    """Find the lr that trains best for ``steps`` steps, starting from the range test's result.
+
+    1. Train every :func:`verification_candidates` lr once (seed ``seed``).
+    2. Train the ``finalists`` best of them with seeds ``seed + 1`` … ``seed + seeds − 1`` too (one
+       seed's ranking in a narrow valley is noisy).
+    3. Train the two grid points around the best mean (``best·√factor``, ``best/√factor``, when
+       below the stability edge) with all seeds.
+
+    The winner is the lowest mean loss among candidates trained with every seed: about
+    ``rungs + 3 + (finalists + 2)·(seeds − 1) + 2`` runs (17 by default).
+    """
+    check_positive_int("steps", steps)
+    check_positive_int("seeds", seeds)
+    check_positive_int("finalists", finalists)
+
+    def verify(candidates: Mapping[str, float], first_seed: int, count: int) -> Verification:
+        return verify_suggestions(
+            task,
+            candidates,
+            micro_batch=micro_batch,
+            accumulation_steps=accumulation_steps,
+            steps=steps,
+            seed=first_seed,
+            seeds=count,
+            device=device,
+        )
+
+    first = verify(verification_candidates(result, rungs=rungs, factor=factor), seed, 1)
+    checks = {c.lr: c for c in first.candidates}
+    extra = list(range(seed + 1, seed + seeds))
+    ranked = sorted((c for c in checks.values() if not c.diverged), key=lambda c: c.loss)
+    for check in ranked[:finalists]:
+        checks[check.lr] = _more_seeds(
+            task,
+            check,
+            extra,
+            micro_batch=micro_batch,
+            accumulation_steps=accumulation_steps,
+            steps=steps,
+            device=device,
+        )
+
+    def complete() -> list[CandidateCheck]:
+        return [c for c in checks.values() if len(c.losses) == seeds and not c.diverged]
+
+    leader = min(complete(), key=lambda c: c.loss, default=None)
     edge = stability_edge(result)
-    step = math.sqrt(factor)
-    tried = [c.lr for c in first.candidates]
-    around = {
-        f"refine ×{step:.3g}": first.best_lr * step,
-        f"refine ÷{step:.3g}": first.best_lr / step,
-    }
-    around = {
-        name: lr
-        for name, lr in around.items()
-        if (edge is None or lr < edge)
-        and lr >= result.min_lr
-        and all(abs(math.log(lr / other)) > 0.1 for other in tried)
-    }
-    if not around:
-        return first
-    second = verify_suggestions(
-        task,
-        around,
-        micro_batch=micro_batch,
-        accumulation_steps=accumulation_steps,
+    if leader is not None:
+        step = math.sqrt(factor)
+        around = {
+            f"refine ×{step:.3g}": leader.lr * step,
+            f"refine ÷{step:.3g}": leader.lr / step,
+        }
+        fresh = {
+            name: lr
+            for name, lr in around.items()
+            if (edge is None or lr < edge)
+            and lr >= result.min_lr
+            and all(abs(math.log(lr / other)) > 0.05 for other in checks)
+        }
+        if fresh:
+            refined = verify(fresh, seed, seeds)
+            checks.update({c.lr: c for c in refined.candidates})
+    best = min(complete(), key=lambda c: c.loss, default=None)
+    return Verification(
         steps=steps,
         seed=seed,
-        device=device,
-    )
-    candidates = (*first.candidates, *second.candidates)
-    finite = [c for c in candidates if math.isfinite(c.loss)]
-    best = min(finite, key=lambda c: c.loss) if finite else None
-    return replace(
-        first,
-        candidates=candidates,
+        split=first.split,
+        candidates=tuple(sorted(checks.values(), key=lambda c: c.lr)),
         best_lr=None if best is None else best.lr,
         best_methods=() if best is None else best.methods,
+        seeds=seeds,
     )
 
 
@@ -503,43 +565,34 @@ def verify_suggestions(
     accumulation_steps: int = 1,
     steps: int,
     seed: int = 0,
+    seeds: int = 1,
     device: torch.device | str = "cpu",
 ) -> Verification:
-    """Train a fresh model for ``steps`` steps at each distinct suggested lr; the lowest loss wins.
+    """Train a fresh model for ``steps`` steps at each distinct suggested lr, with seeds ``seed``
+    … ``seed + seeds − 1``; the lowest mean loss wins.
 
-    Every candidate trains from the same initialisation and data order (``seed``), so only the
-    lr differs. The loss is the final validation loss, or the mean training loss over the last
+    With each seed every candidate trains from the same initialisation and data order, so only
+    the lr differs. The loss is the final validation loss, or the mean training loss over the last
     tenth of the steps when the task has no validation data; a diverged run scores infinity.
     """
     check_positive_int("steps", steps)
+    check_positive_int("seeds", seeds)
     by_lr: dict[float, list[str]] = {}
     for name, lr in suggestions.items():
         if lr is not None:
             by_lr.setdefault(float(lr), []).append(name)
-    checks: list[CandidateCheck] = []
-    for lr, names in sorted(by_lr.items()):
-        run = train(
+    checks = [
+        _more_seeds(
             task,
+            CandidateCheck(lr, tuple(names), math.nan, None, False, ()),
+            list(range(seed, seed + seeds)),
             micro_batch=micro_batch,
             accumulation_steps=accumulation_steps,
-            lr=lr,
             steps=steps,
-            seed=seed,
             device=device,
         )
-        final = run.final
-        if run.diverged:
-            loss, metric = math.inf, None
-        elif final is not None:
-            loss, metric = final.loss, final.metric
-        else:
-            tail = run.train_losses[-max(1, len(run.train_losses) // 10) :]
-            loss, metric = float(np.mean(tail)), None
-        if not math.isfinite(loss):
-            loss = math.inf
-        checks.append(
-            CandidateCheck(lr, tuple(names), loss, metric, run.diverged or loss == math.inf)
-        )
+        for lr, names in sorted(by_lr.items())
+    ]
     finite = [c for c in checks if math.isfinite(c.loss)]
     best = min(finite, key=lambda c: c.loss) if finite else None
     return Verification(
@@ -549,7 +602,51 @@ def verify_suggestions(
         candidates=tuple(checks),
         best_lr=None if best is None else best.lr,
         best_methods=() if best is None else best.methods,
+        seeds=seeds,
     )
+
+
+def _more_seeds(
+    task: Task,
+    check: CandidateCheck,
+    seeds: Sequence[int],
+    *,
+    micro_batch: int,
+    accumulation_steps: int,
+    steps: int,
+    device: torch.device | str,
+) -> CandidateCheck:
+    """``check`` with a training run per seed in ``seeds`` added to its losses."""
+    losses = list(check.losses)
+    metrics = [] if check.metric is None else [check.metric] * len(losses)
+    diverged = check.diverged
+    for seed in seeds:
+        run = train(
+            task,
+            micro_batch=micro_batch,
+            accumulation_steps=accumulation_steps,
+            lr=check.lr,
+            steps=steps,
+            seed=seed,
+            device=device,
+        )
+        final = run.final
+        if run.diverged:
+            loss: float = math.inf
+        elif final is not None:
+            loss = final.loss
+            if final.metric is not None:
+                metrics.append(final.metric)
+        else:
+            tail = run.train_losses[-max(1, len(run.train_losses) // 10) :]
+            loss = float(np.mean(tail))
+        if not math.isfinite(loss):
+            loss = math.inf
+        diverged = diverged or run.diverged or loss == math.inf
+        losses.append(loss)
+    mean = math.inf if diverged else float(np.mean(losses))
+    metric = float(np.mean(metrics)) if metrics else None
+    return replace(check, loss=mean, metric=metric, diverged=diverged, losses=tuple(losses))
 
 
 def _fresh_run(
@@ -714,6 +811,10 @@ __all__ = [
     "DEFAULT_METHOD",
     "MODES",
     "SMOOTHING_WINDOW",
+    "VERIFY_FACTOR",
+    "VERIFY_FINALISTS",
+    "VERIFY_RUNGS",
+    "VERIFY_SEEDS",
     "CandidateCheck",
     "LRFinderResult",
     "RangeRun",

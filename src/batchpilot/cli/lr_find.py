@@ -25,7 +25,7 @@ from batchpilot.cli.app import (
 from batchpilot.devices import resolve_device
 from batchpilot.errors import BadInputError
 from batchpilot.jsonio import to_json
-from batchpilot.lr_finder import DEFAULT_METHOD, MODES, LRFinderResult, find_lr
+from batchpilot.lr_finder import DEFAULT_METHOD, MODES, VERIFY_SEEDS, LRFinderResult, find_lr
 from batchpilot.lr_suggest import METHODS
 
 DEFAULT_OUT = Path("batchpilot-lr-find")
@@ -90,6 +90,13 @@ def lr_find_command(
             ),
         ),
     ] = None,
+    verify_seeds: Annotated[
+        int,
+        typer.Option(
+            "--verify-seeds",
+            help="Seeds for the best verification candidates (their losses are averaged).",
+        ),
+    ] = VERIFY_SEEDS,
     out: Annotated[
         Path,
         typer.Option(
@@ -131,6 +138,7 @@ def lr_find_command(
             divergence_factor=divergence_factor,
             method=method,
             verify_steps=verify_steps,
+            verify_seeds=verify_seeds,
             on_step=lambda done, total: bar.update(job, completed=done, total=total),
         )
     files: dict[str, str | None] = {"plot": None, "json": None}
@@ -174,14 +182,16 @@ def _render(
     checks = {}
     if result.verification is not None:
         for check in result.verification.candidates:
-            for method in check.methods:
-                checks[method] = check
+            for names in check.methods:
+                for method in names.split(" & "):  # names of one grid point
+                    checks[method] = check
     table.add_column("rule")
     table.add_column("suggested lr", justify="right")
     table.add_column("median over repeats", justify="right")
     table.add_column("IQR over repeats", justify="right")
-    if checks:
-        table.add_column(f"loss after {result.verification.steps} steps", justify="right")  # type: ignore[union-attr]
+    if checks and result.verification is not None:
+        # The loss at the grid point the rule's lr was rounded to.
+        table.add_column(f"loss after {result.verification.steps} steps", justify="right")
     for method, lr in result.suggestions.items():
         spread = result.spread[method]
         label = f"{method} (default)" if method == result.method else method
@@ -204,18 +214,21 @@ def _render(
     if verification is not None:
         runs = Table(
             title=(
-                f"verification: {verification.steps} training steps per lr, "
-                f"{verification.split} loss (lowest wins)"
+                f"verification: {verification.runs} training runs of {verification.steps} "
+                f"steps; the lowest mean {verification.split} loss over {verification.seeds} "
+                "seeds wins"
             )
         )
         runs.add_column("lr", justify="right")
         runs.add_column("candidate")
-        runs.add_column(f"{verification.split} loss", justify="right")
+        runs.add_column("seeds", justify="right")
+        runs.add_column(f"mean {verification.split} loss", justify="right")
         for check in sorted(verification.candidates, key=lambda c: c.lr):
             mark = " ←" if check.lr == verification.best_lr else ""
             runs.add_row(
                 f"{check.lr:.3g}{mark}",
                 ", ".join(check.methods),
+                str(len(check.losses)),
                 "diverged" if check.diverged else f"{check.loss:.4f}",
             )
         console.print(runs)

@@ -23,8 +23,8 @@ _COLORS = {"steepest": "tab:red", "valley": "tab:green", "minimum_over_10": "tab
 
 def plot_lr_find(result: LRFinderResult, ax: Axes | None = None) -> Axes:
     """Loss against lr: each repeat's raw losses (faint), the smoothed mean curve, a vertical line
-    per suggestion (the default one solid, with its interquartile range over repeats shaded), and
-    where the test stopped on divergence."""
+    per suggestion (the default one solid, with its interquartile range over repeats shaded),
+    where the test stopped on divergence, and the verified lr when verification ran."""
     if ax is None:
         _, ax = plt.subplots(figsize=(7.5, 4.5))
     for run in result.runs:
@@ -34,7 +34,7 @@ def plot_lr_find(result: LRFinderResult, ax: Axes | None = None) -> Axes:
     for name, lr in result.suggestions.items():
         if lr is None:
             continue
-        default = name == result.method
+        default = name == result.method and result.verification is None
         ax.axvline(
             lr,
             color=_COLORS.get(name, "black"),
@@ -51,6 +51,19 @@ def plot_lr_find(result: LRFinderResult, ax: Axes | None = None) -> Axes:
     if result.diverged_at is not None:
         ax.axvline(
             result.diverged_at, color="black", linestyle=":", linewidth=1.0, label="diverged"
+        )
+    verification = result.verification
+    if verification is not None and verification.best_lr is not None:
+        ax.axvline(
+            verification.best_lr,
+            color="tab:green",
+            linestyle="-",
+            linewidth=2.4,
+            alpha=0.8,
+            label=(
+                f"verified (suggestion): {verification.best_lr:.3g}, best of "
+                f"{len(verification.candidates)} lrs trained {verification.steps} steps"
+            ),
         )
     if result.mode == "exponential":
         ax.set_xscale("log")
