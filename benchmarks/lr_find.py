@@ -128,7 +128,7 @@ def batchpilot_suggestions(
         seed=seed,
         verify_steps=setup.train_steps if verify else None,
     )
-    runs = 0 if result.verification is None else len(result.verification.candidates)
+    runs = 0 if result.verification is None else result.verification.runs
     verified = result.suggestion if verify else None
     return dict(result.suggestions), verified, runs
 

@@ -235,8 +235,8 @@ def _render(
     if result.suggestion is not None and verification is not None:
         console.print(
             f"suggested lr: [bold]{result.suggestion:.3g}[/bold] (verified: "
-            f"{', '.join(verification.best_methods)}; the lowest {verification.split} loss after "
-            f"{verification.steps} steps)"
+            f"{', '.join(verification.best_methods)}; the lowest mean {verification.split} loss "
+            f"after {verification.steps} steps over {verification.seeds} seeds)"
         )
     elif result.suggestion is not None:
         console.print(f"suggested lr: [bold]{result.suggestion:.3g}[/bold] ({result.method})")
