@@ -113,7 +113,7 @@ class Scorer:
 
 
 def batchpilot_suggestions(
-    task: Task, setup: Setup, seed: int, *, verify: bool
+    task: Task, setup: Setup, seed: int, *, verify: bool, verify_seeds: int = 3
 ) -> tuple[dict[str, float | None], float | None, int]:
     """Each rule's suggestion; with ``verify``, also the lr that won the verification runs
     (``verify_steps`` = the training budget, seed ``seed``: not one of the scoring seeds) and
@@ -127,6 +127,7 @@ def batchpilot_suggestions(
         repeats=3,
         seed=seed,
         verify_steps=setup.train_steps if verify else None,
+        verify_seeds=verify_seeds,
     )
     runs = 0 if result.verification is None else result.verification.runs
     verified = result.suggestion if verify else None
@@ -245,7 +246,13 @@ VERIFIED = "batchpilot verified"
 
 
 def run_example(
-    name: str, seeds: int, train_seeds: int, log: Callable[[str], None], *, verify: bool = True
+    name: str,
+    seeds: int,
+    train_seeds: int,
+    log: Callable[[str], None],
+    *,
+    verify: bool = True,
+    verify_seeds: int = 3,
 ) -> dict[str, Any]:
     setup = SETUPS[name]
     task = load_task(example=name)
@@ -266,7 +273,9 @@ def run_example(
     for seed in range(seeds):
         range_seed = 1000 + 7919 * seed  # apart from the training seeds
         t0 = time.perf_counter()
-        ours, verified, runs = batchpilot_suggestions(task, setup, range_seed, verify=verify)
+        ours, verified, runs = batchpilot_suggestions(
+            task, setup, range_seed, verify=verify, verify_seeds=verify_seeds
+        )
         elapsed = time.perf_counter() - t0
         for method in METHODS:
             records[f"batchpilot {method}"].lrs.append(ours[method])
@@ -410,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-verify", action="store_true", help="skip batchpilot's verification runs"
     )
+    parser.add_argument(
+        "--verify-seeds", type=int, default=3, help="seeds of batchpilot's verification finalists"
+    )
     parser.add_argument("--json", type=str, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -437,6 +449,7 @@ def main(argv: list[str] | None = None) -> None:
             args.train_seeds,
             lambda line: err.print(line),
             verify=not args.no_verify,
+            verify_seeds=args.verify_seeds,
         )
         render(console, report)
         reports.append(report)
