@@ -40,7 +40,13 @@ from rich.console import Console
 from rich.table import Table
 
 from batchpilot.loading import load_task
-from batchpilot.lr_finder import DEFAULT_METHOD, find_lr
+from batchpilot.lr_finder import (
+    DEFAULT_METHOD,
+    VERIFY_FINAL_SEEDS,
+    VERIFY_SEEDS,
+    LRFinderResult,
+    find_lr,
+)
 from batchpilot.lr_suggest import METHODS
 from batchpilot.task import Task
 from batchpilot.training import train
@@ -112,13 +118,9 @@ class Scorer:
 # ---------------------------------------------------------------------------------------- tools
 
 
-def batchpilot_suggestions(
-    task: Task, setup: Setup, seed: int, *, verify: bool, verify_seeds: int = 3
-) -> tuple[dict[str, float | None], float | None, int]:
-    """Each rule's suggestion; with ``verify``, also the lr that won the verification runs
-    (``verify_steps`` = the training budget, seed ``seed``: not one of the scoring seeds) and
-    how many runs that took."""
-    result = find_lr(
+def range_test(task: Task, setup: Setup, seed: int, **options: Any) -> LRFinderResult:
+    """batchpilot's range test as the benchmark runs it: 3 repeats from seed ``seed``."""
+    return find_lr(
         task,
         micro_batch=setup.batch,
         min_lr=setup.min_lr,
@@ -126,8 +128,29 @@ def batchpilot_suggestions(
         steps=setup.range_steps,
         repeats=3,
         seed=seed,
+        **options,
+    )
+
+
+def batchpilot_suggestions(
+    task: Task,
+    setup: Setup,
+    seed: int,
+    *,
+    verify: bool,
+    verify_seeds: int = VERIFY_SEEDS,
+    verify_final_seeds: int = VERIFY_FINAL_SEEDS,
+) -> tuple[dict[str, float | None], float | None, int]:
+    """Each rule's suggestion; with ``verify``, also the lr that won the verification runs
+    (``verify_steps`` = the training budget, seed ``seed``: not one of the scoring seeds) and
+    how many runs that took."""
+    result = range_test(
+        task,
+        setup,
+        seed,
         verify_steps=setup.train_steps if verify else None,
         verify_seeds=verify_seeds,
+        verify_final_seeds=verify_final_seeds,
     )
     runs = 0 if result.verification is None else result.verification.runs
     verified = result.suggestion if verify else None
@@ -252,7 +275,8 @@ def run_example(
     log: Callable[[str], None],
     *,
     verify: bool = True,
-    verify_seeds: int = 3,
+    verify_seeds: int = VERIFY_SEEDS,
+    verify_final_seeds: int = VERIFY_FINAL_SEEDS,
 ) -> dict[str, Any]:
     setup = SETUPS[name]
     task = load_task(example=name)
@@ -274,7 +298,12 @@ def run_example(
         range_seed = 1000 + 7919 * seed  # apart from the training seeds
         t0 = time.perf_counter()
         ours, verified, runs = batchpilot_suggestions(
-            task, setup, range_seed, verify=verify, verify_seeds=verify_seeds
+            task,
+            setup,
+            range_seed,
+            verify=verify,
+            verify_seeds=verify_seeds,
+            verify_final_seeds=verify_final_seeds,
         )
         elapsed = time.perf_counter() - t0
         for method in METHODS:
@@ -420,7 +449,16 @@ def main(argv: list[str] | None = None) -> None:
         "--no-verify", action="store_true", help="skip batchpilot's verification runs"
     )
     parser.add_argument(
-        "--verify-seeds", type=int, default=3, help="seeds of batchpilot's verification finalists"
+        "--verify-seeds",
+        type=int,
+        default=VERIFY_SEEDS,
+        help="seeds of batchpilot's verification finalists",
+    )
+    parser.add_argument(
+        "--verify-final-seeds",
+        type=int,
+        default=VERIFY_FINAL_SEEDS,
+        help="seeds of batchpilot's tie-break round (at most --verify-seeds: none)",
     )
     parser.add_argument("--json", type=str, default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -436,7 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     console.print(
         f"torch {torch.__version__}, 1 thread, {os.cpu_count()} CPUs, load average {load:.1f} at "
         f"start (the machine is shared: times are indicative only); {args.seeds} seeds, "
-        f"{args.train_seeds} training seeds per lr; batchpilot: 3 repeats per suggestion"
+        f"{args.train_seeds} training seeds per lr; batchpilot: 3 repeats per suggestion, "
+        f"verification with {args.verify_seeds} seeds, tie-break with {args.verify_final_seeds}"
     )
     reports = []
     start = time.perf_counter()
@@ -450,6 +489,7 @@ def main(argv: list[str] | None = None) -> None:
             lambda line: err.print(line),
             verify=not args.no_verify,
             verify_seeds=args.verify_seeds,
+            verify_final_seeds=args.verify_final_seeds,
         )
         render(console, report)
         reports.append(report)

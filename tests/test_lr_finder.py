@@ -380,6 +380,7 @@ def test_verification_trains_the_rules_and_a_ladder_below_the_edge() -> None:
         repeats=1,
         verify_steps=15,
         verify_seeds=2,
+        verify_final_seeds=4,
     )
     check = result.verification
     assert check is not None and check.split == "val" and check.seeds == 2
@@ -399,22 +400,39 @@ def test_verification_trains_the_rules_and_a_ladder_below_the_edge() -> None:
         assert abs(math.log2(snapped / lr)) <= 0.25 + 1e-9
     tried = {c.lr: c for c in check.candidates}
     assert set(first_round.values()) <= set(tried)
+    # Scores are medians over seeds.
+    for c in tried.values():
+        if not c.diverged:
+            assert c.loss == pytest.approx(float(np.median(c.losses)))
+            assert c.mean_loss == pytest.approx(float(np.mean(c.losses)))
     # Successive halving: the three best of round one got a second seed; refinements got both.
     singles = [c for c in tried.values() if len(c.losses) == 1]
-    doubles = [c for c in tried.values() if len(c.losses) == 2]
-    assert all(c.loss == pytest.approx(float(np.mean(c.losses))) for c in doubles if not c.diverged)
+    seeded = [c for c in tried.values() if len(c.losses) >= 2]
     firsts = sorted(
         (c for c in tried.values() if c.lr in set(first_round.values())), key=lambda c: c.losses[0]
     )
     finite_firsts = [c for c in firsts if math.isfinite(c.losses[0])]
-    assert {c.lr for c in finite_firsts[:3]} <= {c.lr for c in doubles}
+    assert {c.lr for c in finite_firsts[:3]} <= {c.lr for c in seeded}
     assert all(c.lr in set(first_round.values()) for c in singles)
     refined = [c for c in tried.values() if c.lr not in set(first_round.values())]
-    assert refined and all(c.lr < edge and len(c.losses) == 2 for c in refined)
-    # The winner: the lowest mean loss among the candidates trained with both seeds.
-    best = min((c for c in doubles if not c.diverged), key=lambda c: c.loss)
+    assert refined and all(c.lr < edge and len(c.losses) >= 2 for c in refined)
+    # Tie-break: the leader on two seeds and the rivals whose median lies below its worst seed
+    # went on to four seeds.
+    two = sorted(
+        (c for c in seeded if all(math.isfinite(x) for x in c.losses[:2])),
+        key=lambda c: (float(np.median(c.losses[:2])), c.lr),
+    )
+    leader, reach = two[0], max(two[0].losses[:2])
+    rivals = [c for c in two[1:3] if float(np.median(c.losses[:2])) < reach]
+    finals = [c for c in tried.values() if len(c.losses) == 4]
+    assert {c.lr for c in finals} == ({leader.lr} | {c.lr for c in rivals} if rivals else set())
+    assert all(len(c.losses) in (1, 2, 4) for c in tried.values())
+    # The winner: the lowest median among the candidates trained with the most seeds.
+    pool = [c for c in (finals or seeded) if not c.diverged]
+    best = min(pool, key=lambda c: c.loss)
+    assert check.final_seeds == (4 if finals else None)
     assert check.best_lr == best.lr and set(check.best_methods) == set(best.methods)
-    assert check.runs == len(singles) + 2 * len(doubles)
+    assert check.runs == sum(len(c.losses) for c in tried.values())
     assert result.suggestion == best.lr
     assert json.loads(json.dumps(result.to_dict()))["verification"]["best_lr"] == best.lr
 
@@ -424,7 +442,17 @@ def test_verification_answers_when_the_curve_shows_no_descent() -> None:
     from batchpilot.loading import load_task
 
     task = load_task(example="spiral")
-    result = find_lr(task, micro_batch=10, steps=60, repeats=1, verify_steps=30, verify_seeds=1)
+    result = find_lr(
+        task,
+        micro_batch=10,
+        steps=60,
+        repeats=1,
+        verify_steps=30,
+        verify_seeds=1,
+        verify_final_seeds=1,
+    )
+    assert result.verification is not None and result.verification.final_seeds is None
+    assert all(len(c.losses) == 1 for c in result.verification.candidates)
     assert result.message is not None and result.message.startswith("no descent found")
     assert result.suggestions == dict.fromkeys(METHODS, None)
     assert result.verification is not None and result.suggestion == result.verification.best_lr
@@ -449,6 +477,7 @@ def test_verification_answers_when_the_curve_shows_no_descent() -> None:
         ({"divergence_factor": 1.0}, r"^divergence_factor: expected a number above 1"),
         ({"smoothing": 1.0}, r"^smoothing: expected a number in \[0, 1\)"),
         ({"method": "best"}, r"^method: unknown method 'best'"),
+        ({"verify_final_seeds": 0}, r"^verify_final_seeds: expected a positive integer"),
         ({"optimizer": torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)}, r"^optimizer: "),
     ],
 )

@@ -64,10 +64,13 @@ MIN_STEPS = 10
 # Verification candidates lie on a fixed grid of powers of √2 (so that repeated tests propose the
 # same lrs): a ladder of VERIFY_RUNGS powers of 2 below the stability edge plus each rule's
 # suggestion rounded to the grid, then the two grid points around the best. The best
-# VERIFY_FINALISTS of the first round are re-trained with more seeds (VERIFY_SEEDS in all).
+# VERIFY_FINALISTS of the first round are re-trained with more seeds (VERIFY_SEEDS in all); the
+# leader and the rivals still within reach of it end with VERIFY_FINAL_SEEDS seeds. Chosen with
+# benchmarks/lr_find.py (see docs/lr-find.md).
 VERIFY_RUNGS = 5
 VERIFY_FACTOR = 2.0
 VERIFY_SEEDS = 3
+VERIFY_FINAL_SEEDS = 7
 VERIFY_FINALISTS = 3
 
 ProgressFn = Callable[[int, int], None]
@@ -101,7 +104,11 @@ class RangeRun:
 
 @dataclass(frozen=True)
 class CandidateCheck:
-    """Training runs at one candidate lr: ``loss`` is the mean of ``losses``, one per seed."""
+    """Training runs at one candidate lr, one loss per seed in ``losses``.
+
+    ``loss`` is their median (infinite when a run diverged): one seed that lands badly, or
+    luckily, does not decide. ``mean_loss`` is their mean.
+    """
 
     lr: float
     methods: tuple[str, ...]
@@ -110,11 +117,19 @@ class CandidateCheck:
     diverged: bool
     losses: tuple[float, ...] = ()
 
+    @property
+    def mean_loss(self) -> float:
+        """The mean of ``losses`` (infinite when a run diverged, NaN when there are none)."""
+        if self.diverged:
+            return math.inf
+        return float(np.mean(self.losses)) if self.losses else math.nan
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "lr": self.lr,
             "methods": list(self.methods),
             "loss": self.loss,
+            "mean_loss": self.mean_loss,
             "metric": self.metric,
             "diverged": self.diverged,
             "losses": list(self.losses),
@@ -126,8 +141,9 @@ class Verification:
     """Which candidate lr reached the lowest loss after ``steps`` steps of real training.
 
     ``split`` says whether ``loss`` is the final validation loss, or (a task without validation
-    data) the mean training loss of the last tenth of the steps. The winner is the lowest mean
-    loss among the candidates trained with all ``seeds`` seeds (``seed``, ``seed + 1``, …).
+    data) the mean training loss of the last tenth of the steps. The winner is the lowest median
+    loss among the candidates trained with the most seeds (``seed``, ``seed + 1``, …):
+    ``seeds`` of them, or ``final_seeds`` after a tie-break round (:func:`verify_ladder`).
     """
 
     steps: int
@@ -137,6 +153,7 @@ class Verification:
     best_lr: float | None
     best_methods: tuple[str, ...]
     seeds: int = 1
+    final_seeds: int | None = None
 
     @property
     def runs(self) -> int:
@@ -148,6 +165,7 @@ class Verification:
             "steps": self.steps,
             "seed": self.seed,
             "seeds": self.seeds,
+            "final_seeds": self.final_seeds,
             "runs": self.runs,
             "split": self.split,
             "candidates": [c.to_dict() for c in self.candidates],
@@ -280,6 +298,7 @@ def find_lr(
     optimizer: torch.optim.Optimizer | None = None,
     verify_steps: int | None = None,
     verify_seeds: int = VERIFY_SEEDS,
+    verify_final_seeds: int = VERIFY_FINAL_SEEDS,
     on_step: ProgressFn | None = None,
 ) -> LRFinderResult:
     """Run the range test ``repeats`` times and suggest a learning rate.
@@ -292,9 +311,10 @@ def find_lr(
     optimizer and RNG are restored bitwise from CPU snapshots (:func:`batchpilot.state.preserved`).
 
     ``verify_steps`` trains fresh models for that many steps at each rule's suggestion and on a
-    ladder below the lr where the test diverged, the best with ``verify_seeds`` seeds
-    (:func:`verify_ladder`); ``suggestion`` is then the lr that reached the lowest mean loss (the
-    validation loss, when the task has validation data).
+    ladder below the lr where the test diverged, the best with ``verify_seeds`` seeds and the
+    closest contenders with ``verify_final_seeds`` (:func:`verify_ladder`); ``suggestion`` is
+    then the lr that reached the lowest median loss over seeds (the validation loss, when the
+    task has validation data).
     ``smoothing`` is the β of the debiased moving average; by default ``1 - 10/steps``, a
     window of a tenth of the test. ``on_step(done, total)`` is called after every optimizer step.
     """
@@ -324,6 +344,7 @@ def find_lr(
     if verify_steps is not None:
         check_positive_int("verify_steps", verify_steps)
     check_positive_int("verify_seeds", verify_seeds)
+    check_positive_int("verify_final_seeds", verify_final_seeds)
     if micro_batch > task.train_size:
         raise BadInputError(
             f"micro_batch: {micro_batch} is larger than the training set ({task.train_size} samples)"
@@ -406,6 +427,7 @@ def find_lr(
         steps=verify_steps,
         seed=seed,
         seeds=verify_seeds,
+        final_seeds=verify_final_seeds,
         device=run_device,
     )
     notes = result.notes
@@ -477,6 +499,7 @@ def verify_ladder(
     steps: int,
     seed: int = 0,
     seeds: int = VERIFY_SEEDS,
+    final_seeds: int = VERIFY_FINAL_SEEDS,
     finalists: int = VERIFY_FINALISTS,
     device: torch.device | str = "cpu",
     rungs: int = VERIFY_RUNGS,
@@ -487,14 +510,22 @@ def verify_ladder(
     1. Train every :func:`verification_candidates` lr once (seed ``seed``).
     2. Train the ``finalists`` best of them with seeds ``seed + 1`` … ``seed + seeds − 1`` too (one
        seed's ranking in a narrow valley is noisy).
-    3. Train the two grid points around the best mean (``best·√factor``, ``best/√factor``, when
-       below the stability edge) with all seeds.
+    3. Train the two grid points around the leader (``best·√factor``, ``best/√factor``, when
+       below the stability edge) with all ``seeds`` seeds.
+    4. Tie-break: the leader and up to ``finalists − 1`` rivals still within reach of it (a rival
+       whose median loss is below the leader's worst seed) are trained up to ``final_seeds``
+       seeds. Skipped when no rival is within reach, or when ``final_seeds <= seeds``.
 
-    The winner is the lowest mean loss among candidates trained with every seed: about
-    ``rungs + 3 + (finalists + 2)·(seeds − 1) + 2`` runs (17 by default).
+    Each candidate is scored by the median of its losses over seeds (a diverged run disqualifies
+    it): training outcomes near the best lr are skewed, a rare seed gets stuck or lands far
+    below the rest, and the mean of a few seeds follows that seed. The winner is the lowest
+    median among the candidates trained with the most seeds: about
+    ``rungs + 3 + (finalists + 2)·(seeds − 1) + 2`` runs before the tie-break (17 by default), and
+    up to ``finalists·(final_seeds − seeds)`` in it (12 by default).
     """
     check_positive_int("steps", steps)
     check_positive_int("seeds", seeds)
+    check_positive_int("final_seeds", final_seeds)
     check_positive_int("finalists", finalists)
 
     def verify(candidates: Mapping[str, float], first_seed: int, count: int) -> Verification:
@@ -509,31 +540,33 @@ def verify_ladder(
             device=device,
         )
 
-    first = verify(verification_candidates(result, rungs=rungs, factor=factor), seed, 1)
-    checks = {c.lr: c for c in first.candidates}
-    extra = list(range(seed + 1, seed + seeds))
-    ranked = sorted((c for c in checks.values() if not c.diverged), key=lambda c: c.loss)
-    for check in ranked[:finalists]:
-        checks[check.lr] = _more_seeds(
+    def add_seeds(check: CandidateCheck, total: int) -> CandidateCheck:
+        return _more_seeds(
             task,
             check,
-            extra,
+            list(range(seed + len(check.losses), seed + total)),
             micro_batch=micro_batch,
             accumulation_steps=accumulation_steps,
             steps=steps,
             device=device,
         )
 
-    def complete() -> list[CandidateCheck]:
-        return [c for c in checks.values() if len(c.losses) == seeds and not c.diverged]
+    def ranked(count: int) -> list[CandidateCheck]:
+        """Candidates trained with at least ``count`` seeds that never diverged, best first."""
+        done = (c for c in checks.values() if len(c.losses) >= count and not c.diverged)
+        return sorted(done, key=lambda c: (c.loss, c.lr))
 
-    leader = min(complete(), key=lambda c: c.loss, default=None)
+    first = verify(verification_candidates(result, rungs=rungs, factor=factor), seed, 1)
+    checks = {c.lr: c for c in first.candidates}
+    for check in ranked(1)[:finalists]:
+        checks[check.lr] = add_seeds(check, seeds)
     edge = stability_edge(result)
-    if leader is not None:
+    leaders = ranked(seeds)
+    if leaders:
         step = math.sqrt(factor)
         around = {
-            f"refine ×{step:.3g}": leader.lr * step,
-            f"refine ÷{step:.3g}": leader.lr / step,
+            f"refine ×{step:.3g}": leaders[0].lr * step,
+            f"refine ÷{step:.3g}": leaders[0].lr / step,
         }
         fresh = {
             name: lr
@@ -545,7 +578,18 @@ def verify_ladder(
         if fresh:
             refined = verify(fresh, seed, seeds)
             checks.update({c.lr: c for c in refined.candidates})
-    best = min(complete(), key=lambda c: c.loss, default=None)
+    leaders = ranked(seeds)
+    tie_break = None
+    if leaders and final_seeds > seeds:
+        leader = leaders[0]
+        reach = max(leader.losses)
+        rivals = [c for c in leaders[1:finalists] if c.loss < reach]
+        if rivals:
+            tie_break = final_seeds
+            for check in (leader, *rivals):
+                checks[check.lr] = add_seeds(check, final_seeds)
+    done = [c for c in checks.values() if len(c.losses) >= seeds and not c.diverged]
+    best = min(done, key=lambda c: (-len(c.losses), c.loss, c.lr), default=None)
     return Verification(
         steps=steps,
         seed=seed,
@@ -554,6 +598,7 @@ def verify_ladder(
         best_lr=None if best is None else best.lr,
         best_methods=() if best is None else best.methods,
         seeds=seeds,
+        final_seeds=tie_break,
     )
 
 
@@ -569,7 +614,7 @@ def verify_suggestions(
     device: torch.device | str = "cpu",
 ) -> Verification:
     """Train a fresh model for ``steps`` steps at each distinct suggested lr, with seeds ``seed``
-    … ``seed + seeds − 1``; the lowest mean loss wins.
+    … ``seed + seeds − 1``; the lowest median loss wins.
 
     With each seed every candidate trains from the same initialisation and data order, so only
     the lr differs. The loss is the final validation loss, or the mean training loss over the last
@@ -594,7 +639,7 @@ def verify_suggestions(
         for lr, names in sorted(by_lr.items())
     ]
     finite = [c for c in checks if math.isfinite(c.loss)]
-    best = min(finite, key=lambda c: c.loss) if finite else None
+    best = min(finite, key=lambda c: (c.loss, c.lr)) if finite else None
     return Verification(
         steps=steps,
         seed=seed,
@@ -644,9 +689,9 @@ def _more_seeds(
             loss = math.inf
         diverged = diverged or run.diverged or loss == math.inf
         losses.append(loss)
-    mean = math.inf if diverged else float(np.mean(losses))
-    metric = float(np.mean(metrics)) if metrics else None
-    return replace(check, loss=mean, metric=metric, diverged=diverged, losses=tuple(losses))
+    median = math.inf if diverged else float(np.median(losses))
+    metric = float(np.median(metrics)) if metrics else None
+    return replace(check, loss=median, metric=metric, diverged=diverged, losses=tuple(losses))
 
 
 def _fresh_run(

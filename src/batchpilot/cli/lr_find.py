@@ -25,7 +25,15 @@ from batchpilot.cli.app import (
 from batchpilot.devices import resolve_device
 from batchpilot.errors import BadInputError
 from batchpilot.jsonio import to_json
-from batchpilot.lr_finder import DEFAULT_METHOD, MODES, VERIFY_SEEDS, LRFinderResult, find_lr
+from batchpilot.lr_finder import (
+    DEFAULT_METHOD,
+    MODES,
+    VERIFY_FINAL_SEEDS,
+    VERIFY_SEEDS,
+    LRFinderResult,
+    Verification,
+    find_lr,
+)
 from batchpilot.lr_suggest import METHODS
 
 DEFAULT_OUT = Path("batchpilot-lr-find")
@@ -94,9 +102,19 @@ def lr_find_command(
         int,
         typer.Option(
             "--verify-seeds",
-            help="Seeds for the best verification candidates (their losses are averaged).",
+            help="Seeds for the best verification candidates (scored by their median loss).",
         ),
     ] = VERIFY_SEEDS,
+    verify_final_seeds: Annotated[
+        int,
+        typer.Option(
+            "--verify-final-seeds",
+            help=(
+                "Seeds for the leader and the rivals within reach of it in the tie-break round "
+                "(at most --verify-seeds: no tie-break)."
+            ),
+        ),
+    ] = VERIFY_FINAL_SEEDS,
     out: Annotated[
         Path,
         typer.Option(
@@ -139,6 +157,7 @@ def lr_find_command(
             method=method,
             verify_steps=verify_steps,
             verify_seeds=verify_seeds,
+            verify_final_seeds=verify_final_seeds,
             on_step=lambda done, total: bar.update(job, completed=done, total=total),
         )
     files: dict[str, str | None] = {"plot": None, "json": None}
@@ -215,14 +234,15 @@ def _render(
         runs = Table(
             title=(
                 f"verification: {verification.runs} training runs of {verification.steps} "
-                f"steps; the lowest mean {verification.split} loss over {verification.seeds} "
+                f"steps; the lowest median {verification.split} loss over {_seeds(verification)} "
                 "seeds wins"
             )
         )
         runs.add_column("lr", justify="right")
         runs.add_column("candidate")
         runs.add_column("seeds", justify="right")
-        runs.add_column(f"mean {verification.split} loss", justify="right")
+        runs.add_column(f"median {verification.split} loss", justify="right")
+        runs.add_column("mean", justify="right")
         for check in sorted(verification.candidates, key=lambda c: c.lr):
             mark = " ←" if check.lr == verification.best_lr else ""
             runs.add_row(
@@ -230,13 +250,14 @@ def _render(
                 ", ".join(check.methods),
                 str(len(check.losses)),
                 "diverged" if check.diverged else f"{check.loss:.4f}",
+                "diverged" if check.diverged else f"{check.mean_loss:.4f}",
             )
         console.print(runs)
     if result.suggestion is not None and verification is not None:
         console.print(
             f"suggested lr: [bold]{result.suggestion:.3g}[/bold] (verified: "
-            f"{', '.join(verification.best_methods)}; the lowest mean {verification.split} loss "
-            f"after {verification.steps} steps over {verification.seeds} seeds)"
+            f"{', '.join(verification.best_methods)}; the lowest median {verification.split} "
+            f"loss after {verification.steps} steps over {_seeds(verification)} seeds)"
         )
     elif result.suggestion is not None:
         console.print(f"suggested lr: [bold]{result.suggestion:.3g}[/bold] ({result.method})")
@@ -250,3 +271,11 @@ def _render(
         console.print(f"• {note}")
     if files.get("plot"):
         console.print(f"plot: {files['plot']}  data: {files['json']}")
+
+
+def _seeds(verification: Verification) -> int:
+    """Seeds behind the winner (those of the tie-break round, when there was one)."""
+    for check in verification.candidates:
+        if check.lr == verification.best_lr:
+            return len(check.losses)
+    return verification.final_seeds or verification.seeds
