@@ -532,3 +532,29 @@ def test_cli_bad_batch_names_the_option(capsys: pytest.CaptureFixture[str]) -> N
         main(["lr-find", "--example", "xor4", "--batch", "0", "--no-plot"])
     assert exit_info.value.code == 2
     assert "--batch: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_cli_verification_options(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["lr-find", "--example", "xor4", "--steps", "20", "--repeats", "1", "--no-plot"]
+    verify = ["--verify-steps", "10", "--verify-seeds", "2", "--verify-final-seeds", "3"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *verify, "--format", "json"])
+    assert exit_info.value.code == 0
+    check = json.loads(capsys.readouterr().out)["verification"]
+    assert check["seeds"] == 2 and check["final_seeds"] in (3, None)
+    counts = {len(c["losses"]) for c in check["candidates"]}
+    assert counts <= {1, 2, 3} and 2 in counts and (3 in counts) == (check["final_seeds"] == 3)
+    for c in check["candidates"]:
+        assert c["loss"] == pytest.approx(float(np.median(c["losses"])))
+        assert c["mean_loss"] == pytest.approx(float(np.mean(c["losses"])))
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *verify])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "the lowest median val loss" in out and "median val loss" in out
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--verify-steps", "10", "--verify-final-seeds", "0"])
+    assert exit_info.value.code == 2
+    assert "--verify-final-seeds: expected a positive integer, got 0" in capsys.readouterr().err
