@@ -6,7 +6,7 @@ For each built-in example this script
    of a ladder, with the learning rate re-tuned per batch by a small grid (×2 steps around
    ``ref_lr·√(B/ref_batch)``, widened while the best lr sits at an edge);
 2. fits ``S = S_min (1 + B_crit / B)`` to those points (least squares on relative error);
-3. runs :func:`batchpilot.noise.measure_noise_scale` once, at one batch of the ladder with that
+3. runs :func:`batchpilot.measure._noise.measure_noise_scale` once, at one batch of the ladder with that
    batch's tuned lr, for as many steps as that batch needed to reach the target, and reports its
    estimate of the run's critical batch beside the fit (goal: within a factor of 3);
 4. times training steps without the estimator, with it observing the step and with it passing
@@ -37,10 +37,10 @@ import torch
 from torch.utils.data import Subset
 
 from batchpilot.loading import load_task
-from batchpilot.noise import GradientNoiseScale, NoiseScaleResult, measure_noise_scale
+from batchpilot.measure._noise import GradientNoiseScale, NoiseScaleResult, measure_noise_scale
 from batchpilot.state import preserved_rng
 from batchpilot.task import Task
-from batchpilot.training import accumulate_gradients, evaluate, micro_batches
+from batchpilot.training._loop import accumulate_gradients, evaluate, micro_batches
 
 CPU = torch.device("cpu")
 

@@ -6,9 +6,9 @@ updates. On a built-in example (default ``digits``: a CNN with BatchNorm, SGD wi
 three runs per seed from the same initialisation and data order:
 
 - **lr decay** (the anchor): a fixed batch, the lr multiplied by ``gamma`` at the milestones;
-- **batch increase**: :class:`batchpilot.schedules.BatchIncrease` of the same decay — the batch
+- **batch increase**: :class:`batchpilot.training._schedules.BatchIncrease` of the same decay — the batch
   multiplied by ``1/gamma`` at the milestones (the lr takes over once the batch reaches its cap);
-- **adaptive**: :class:`batchpilot.adaptive.AdaptiveBatch` — the batch grows while the measured
+- **adaptive**: :class:`batchpilot.training._adaptive.AdaptiveBatch` — the batch grows while the measured
   gradient noise scale says so, the lr follows the AdaScale gain, and the same decay is applied at
   the gain-weighted progress; the run ends when that progress reaches the same number of epochs.
   Each step runs as two micro-batches (the noise-scale estimator needs two gradients per step),
@@ -40,22 +40,22 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from batchpilot.adaptive import AdaptiveBatch
 from batchpilot.data import batch_size as samples_in
 from batchpilot.loading import load_task
-from batchpilot.noise import GradientNoiseScale, NoiseScaleWarning
-from batchpilot.runtime import BatchRuntime
-from batchpilot.sampler import ScheduledBatchSampler
-from batchpilot.schedules import (
+from batchpilot.measure._noise import GradientNoiseScale, NoiseScaleWarning
+from batchpilot.state import preserved_rng
+from batchpilot.task import Task
+from batchpilot.training._adaptive import AdaptiveBatch
+from batchpilot.training._loop import evaluate
+from batchpilot.training._runtime import BatchRuntime
+from batchpilot.training._sampler import ScheduledBatchSampler
+from batchpilot.training._schedules import (
     BatchIncrease,
     BatchLimits,
     BatchSetting,
     LrDecaySchedule,
     MultiStepDecay,
 )
-from batchpilot.state import preserved_rng
-from batchpilot.task import Task
-from batchpilot.training import evaluate
 
 
 @dataclass(frozen=True)

@@ -41,16 +41,16 @@ from rich.console import Console
 from rich.table import Table
 
 from batchpilot.loading import load_task
-from batchpilot.lr_finder import (
+from batchpilot.measure._lr_range import (
     DEFAULT_METHOD,
     VERIFY_FINAL_SEEDS,
     VERIFY_SEEDS,
     LRFinderResult,
     find_lr,
 )
-from batchpilot.lr_suggest import METHODS
+from batchpilot.measure._lr_suggest import METHODS
 from batchpilot.task import Task
-from batchpilot.training import train
+from batchpilot.training._loop import train
 
 
 @dataclass(frozen=True)

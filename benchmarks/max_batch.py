@@ -56,8 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from batchpilot.memory import largest_sample_index, training_step
-from batchpilot.memory_search import find_max_batch
+from batchpilot.measure._memory import largest_sample_index, training_step
+from batchpilot.measure._memory_search import find_max_batch
 from batchpilot.oom import is_out_of_memory
 from batchpilot.task import Task
 

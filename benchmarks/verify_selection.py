@@ -1,6 +1,6 @@
 """How verification should pick its winner: a replay study on dense tables of training runs.
 
-``batchpilot.lr_finder.verify_ladder`` trains candidate lrs for the budget with a few seeds and
+``batchpilot.measure._lr_range.verify_ladder`` trains candidate lrs for the budget with a few seeds and
 keeps the best. Which statistic of the seeds' losses, and how many seeds, decide how often it
 picks the lr that is best *on average over seeds*. This script measures that without re-training:
 
@@ -48,13 +48,13 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from batchpilot import lr_finder
 from batchpilot.loading import load_task
-from batchpilot.lr_finder import (
+from batchpilot.measure._lr_range import (
     VERIFY_FINAL_SEEDS,
     VERIFY_SEEDS,
     stability_edge,
     verification_candidates,
 )
-from batchpilot.training import train
+from batchpilot.training._loop import train
 from lr_find import SETUPS, range_test
 
 # The √2-grid exponents j (lr = 2^(j/2)) trained per example: around the best constant lr.

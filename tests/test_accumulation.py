@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from batchpilot.accumulation import plan_accumulation
 from batchpilot.errors import BadInputError
-from batchpilot.throughput import ThroughputCurve, ThroughputPoint
+from batchpilot.measure._throughput import ThroughputCurve, ThroughputPoint
+from batchpilot.plan._accumulation import plan_accumulation
 
 
 def curve(*points: tuple[int, float]) -> ThroughputCurve:

@@ -6,17 +6,17 @@ import math
 import pytest
 import torch
 
-from batchpilot.adaptive import (
+from batchpilot.errors import BadInputError
+from batchpilot.measure._noise import GradientNoiseScale
+from batchpilot.training._adaptive import (
     AdaptiveBatch,
     adascale_gain,
     lr_gain,
     optimizer_family,
     recommend_batch,
 )
-from batchpilot.errors import BadInputError
-from batchpilot.noise import GradientNoiseScale
-from batchpilot.runtime import BatchRuntime
-from batchpilot.schedules import BatchLimits, StepDecay
+from batchpilot.training._runtime import BatchRuntime
+from batchpilot.training._schedules import BatchLimits, StepDecay
 
 
 @pytest.mark.parametrize(("g2", "trace"), [(1.0, 50.0), (0.3, 900.0), (2.0, 1.0)])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from batchpilot.errors import BadInputError
-from batchpilot.goodput import (
+from batchpilot.plan._goodput import (
     plan_goodput,
     samples_to_target_ratio,
     statistical_efficiency,

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from batchpilot.schedules import BatchIncrease, BatchLimits, StepDecay, periodic_batch
+from batchpilot.training._schedules import BatchIncrease, BatchLimits, StepDecay, periodic_batch
 
 
 def regression(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +36,7 @@ def small_mlp() -> torch.nn.Module:
 def test_frameworks_are_imported_lazily_and_missing_ones_say_what_to_install() -> None:
     code = (
         "import sys\n"
-        "import batchpilot, batchpilot.integrations, batchpilot.runtime, batchpilot.adaptive\n"
+        "import batchpilot, batchpilot.integrations, batchpilot.training._runtime, batchpilot.training._adaptive\n"
         "assert 'lightning' not in sys.modules and 'transformers' not in sys.modules\n"
         "sys.modules['lightning'] = sys.modules['transformers'] = None  # as if not installed\n"
         "from batchpilot.integrations import lightning, huggingface\n"
@@ -95,7 +95,7 @@ def test_lightning_callback_tunes_applies_the_schedule_and_logs_the_noise_scale(
     from torch.utils.data import TensorDataset
 
     from batchpilot.integrations.lightning import BatchpilotCallback
-    from batchpilot.sampler import ScheduledBatchSampler
+    from batchpilot.training._sampler import ScheduledBatchSampler
 
     data = TensorDataset(*regression(128))
     sampler = ScheduledBatchSampler(data, batch_size=16, seed=0, sized=False)
@@ -131,9 +131,9 @@ def test_lightning_callback_with_adaptive_batch_grows_at_epoch_starts() -> None:
     pytest.importorskip("lightning.pytorch")
     from torch.utils.data import TensorDataset
 
-    from batchpilot.adaptive import AdaptiveBatch
     from batchpilot.integrations.lightning import BatchpilotCallback
-    from batchpilot.sampler import ScheduledBatchSampler
+    from batchpilot.training._adaptive import AdaptiveBatch
+    from batchpilot.training._sampler import ScheduledBatchSampler
 
     x, _ = regression(256)
     noisy = x @ torch.ones(4, 1) + 10.0 * torch.randn(
@@ -240,8 +240,8 @@ def test_huggingface_callback_applies_the_adascale_gain_of_the_trainers_batch(
     tmp_path: Path,
 ) -> None:
     pytest.importorskip("transformers")
-    from batchpilot.adaptive import AdaptiveBatch, adascale_gain, lr_gain
     from batchpilot.integrations.huggingface import BatchpilotTrainerCallback
+    from batchpilot.training._adaptive import AdaptiveBatch, adascale_gain, lr_gain
 
     adaptive = AdaptiveBatch(base_batch=4, base_lr=5e-4, family="adam")
     callback = BatchpilotTrainerCallback(adaptive=adaptive, every_n_steps=1, max_overhead=None)
@@ -264,10 +264,10 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        from batchpilot.noise import GradientNoiseScale
-        from batchpilot.pitfalls import check_distributed_run
-        from batchpilot.runtime import BatchRuntime, gather_objects
-        from batchpilot.sampler import ScheduledBatchSampler
+        from batchpilot.measure._noise import GradientNoiseScale
+        from batchpilot.training._pitfalls import check_distributed_run
+        from batchpilot.training._runtime import BatchRuntime, gather_objects
+        from batchpilot.training._sampler import ScheduledBatchSampler
 
         x, y = regression(N_SAMPLES)
         model = small_mlp()

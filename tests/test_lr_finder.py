@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from batchpilot.cli import main
 from batchpilot.errors import BadInputError
-from batchpilot.lr_finder import (
+from batchpilot.measure._lr_range import (
     DEFAULT_METHOD,
     debiased_ema,
     default_smoothing,
@@ -24,7 +24,7 @@ from batchpilot.lr_finder import (
     stability_edge,
     verification_candidates,
 )
-from batchpilot.lr_suggest import METHODS
+from batchpilot.measure._lr_suggest import METHODS
 from batchpilot.plots.lr_find import plot_lr_find
 from batchpilot.task import Task
 

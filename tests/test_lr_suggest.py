@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchpilot.errors import BadInputError
-from batchpilot.lr_finder import debiased_ema
-from batchpilot.lr_suggest import (
+from batchpilot.measure._lr_range import debiased_ema
+from batchpilot.measure._lr_suggest import (
     METHODS,
     check_method,
     minimum_over_10,

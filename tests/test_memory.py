@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from batchpilot.errors import BadInputError, UserCodeError
 from batchpilot.loading import load_task
-from batchpilot.memory import (
+from batchpilot.measure._memory import (
     MemoryProbe,
     TensorTracker,
     available_memory,

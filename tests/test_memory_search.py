@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from batchpilot.cli import main
 from batchpilot.errors import BadInputError, UserCodeError
 from batchpilot.loading import load_task
-from batchpilot.memory import StepMemory, measure_step_memory
-from batchpilot.memory_search import (
+from batchpilot.measure._memory import StepMemory, measure_step_memory
+from batchpilot.measure._memory_search import (
     find_max_batch,
     fit_memory_model,
     format_bytes,

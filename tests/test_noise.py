@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from batchpilot.errors import BadInputError
 from batchpilot.loading import load_task
-from batchpilot.noise import (
+from batchpilot.measure._noise import (
     GradientNoiseScale,
     NoiseScalePoint,
     NoiseScaleWarning,
@@ -480,7 +480,7 @@ class _FakeClock:
 
 
 def _costly(monkeypatch: pytest.MonkeyPatch, clock: _FakeClock, cost: float) -> None:
-    monkeypatch.setattr("batchpilot.noise.time.perf_counter", clock)
+    monkeypatch.setattr("batchpilot.measure._noise.time.perf_counter", clock)
     for name in ("_record", "_finish"):
         original = getattr(GradientNoiseScale, name)
 

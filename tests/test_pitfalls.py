@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler, RandomSampler, TensorDataset
 
 from batchpilot.errors import BadInputError
-from batchpilot.pitfalls import (
+from batchpilot.training._pitfalls import (
     PitfallWarning,
     check_batchnorm,
     check_loss_normalisation,
@@ -16,7 +16,7 @@ from batchpilot.pitfalls import (
     check_shuffling,
     warn_pitfalls,
 )
-from batchpilot.sampler import ScheduledBatchSampler
+from batchpilot.training._sampler import ScheduledBatchSampler
 
 
 def cnn(norm: str = "batch") -> nn.Module:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchpilot.recommend import advise, noise_aware_lr, recommend
+from batchpilot.plan._recommend import advise, noise_aware_lr, recommend
 
 
 def saturating(b: int) -> float:

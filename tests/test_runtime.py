@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from batchpilot.errors import BadInputError, UserCodeError
-from batchpilot.runtime import (
+from batchpilot.training._runtime import (
     BASE_LR_KEY,
     BatchRuntime,
     apply_lr,
@@ -15,7 +15,7 @@ from batchpilot.runtime import (
     resplit,
     split_micro_batches,
 )
-from batchpilot.schedules import BatchLimits, BatchSetting, StepDecay, periodic_batch
+from batchpilot.training._schedules import BatchLimits, BatchSetting, StepDecay, periodic_batch
 
 
 def make_problem(n: int = 37) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
 from batchpilot.errors import BadInputError
-from batchpilot.sampler import ScheduledBatchSampler, epoch_batches
-from batchpilot.schedules import (
+from batchpilot.training._sampler import ScheduledBatchSampler, epoch_batches
+from batchpilot.training._schedules import (
     BatchIncrease,
     BatchLimits,
     CosineDecay,

@@ -7,7 +7,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from batchpilot.errors import BadInputError
-from batchpilot.scaling import (
+from batchpilot.plan._scaling import (
     decompose_batch,
     plan_scaling,
     scale_adam,

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchpilot.errors import BadInputError
-from batchpilot.schedules import (
+from batchpilot.training._schedules import (
     BatchIncrease,
     BatchLimits,
     BatchWarmup,

@@ -108,9 +108,9 @@ def test_sweep_with_range_test_and_accumulation(monkeypatch: pytest.MonkeyPatch)
         found.append(micro_batch * accumulation_steps)
         return types.SimpleNamespace(suggestion=0.01 * micro_batch * accumulation_steps)
 
-    module = types.ModuleType("batchpilot.lr_finder")
+    module = types.ModuleType("batchpilot.measure._lr_range")
     module.find_lr = find_lr  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "batchpilot.lr_finder", module)
+    monkeypatch.setitem(sys.modules, "batchpilot.measure._lr_range", module)
     result = run_sweep(
         TASK,
         budget=Budget.equal_epochs(1, evals=2),

@@ -14,7 +14,7 @@ from batchpilot.errors import BadInputError
 from batchpilot.loading import load_task
 from batchpilot.sweep import TrialResult, TrialSpec, run_trial
 from batchpilot.sweep.trials import _training_seconds, _with_adam_scaling
-from batchpilot.training import train
+from batchpilot.training._loop import train
 
 TASK = f"{Path(__file__).parent / 'sweep_task.py'}:task"
 
@@ -114,9 +114,9 @@ def fake_lr_finder(monkeypatch: pytest.MonkeyPatch, suggestion: float | None) ->
         calls.append(micro_batch * accumulation_steps)
         return types.SimpleNamespace(suggestion=suggestion)
 
-    module = types.ModuleType("batchpilot.lr_finder")
+    module = types.ModuleType("batchpilot.measure._lr_range")
     module.find_lr = find_lr  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "batchpilot.lr_finder", module)
+    monkeypatch.setitem(sys.modules, "batchpilot.measure._lr_range", module)
     return calls
 
 
@@ -133,8 +133,10 @@ def test_range_test_lr_is_found_once_per_batch(task, monkeypatch) -> None:
 
 
 def test_range_test_without_the_lr_finder_says_so(task, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "batchpilot.lr_finder", None)
+    monkeypatch.setitem(sys.modules, "batchpilot.measure._lr_range", None)
     from batchpilot.sweep.trials import import_find_lr
 
-    with pytest.raises(BadInputError, match=r"^lr_rule: 'range-test' needs batchpilot.lr_finder"):
+    with pytest.raises(
+        BadInputError, match=r"^lr_rule: 'range-test' needs batchpilot.measure._lr_range"
+    ):
         import_find_lr()

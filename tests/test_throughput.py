@@ -13,8 +13,7 @@ from torch.utils.data import TensorDataset
 from batchpilot.cli import main
 from batchpilot.errors import BadInputError, UserCodeError
 from batchpilot.loading import load_task
-from batchpilot.task import Task
-from batchpilot.throughput import (
+from batchpilot.measure._throughput import (
     ThroughputCurve,
     ThroughputPoint,
     batch_ladder,
@@ -22,6 +21,7 @@ from batchpilot.throughput import (
     measure_throughput,
     round_batch,
 )
+from batchpilot.task import Task
 
 
 def test_round_batch() -> None:

@@ -7,7 +7,7 @@ from torch.utils.data import TensorDataset
 from batchpilot.errors import BadInputError
 from batchpilot.loading import load_task
 from batchpilot.task import Task
-from batchpilot.training import accumulate_gradients, micro_batches, train
+from batchpilot.training._loop import accumulate_gradients, micro_batches, train
 
 
 def _regression(reduction: str) -> Task:

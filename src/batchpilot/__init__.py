@@ -5,7 +5,7 @@ The public API, re-exported here; see the README and ``docs/`` for each piece.
 
 from batchpilot.errors import BadInputError, BatchpilotError, UserCodeError
 from batchpilot.loading import load_task
-from batchpilot.scaling import (
+from batchpilot.plan._scaling import (
     AdamScaling,
     BatchSplit,
     ScalePlan,
@@ -20,7 +20,7 @@ from batchpilot.scaling import (
 from batchpilot.state import preserved, preserved_rng
 from batchpilot.summary import TaskSummary, summarize_task
 from batchpilot.task import Task
-from batchpilot.training import Evaluation, TrainResult, evaluate, train
+from batchpilot.training._loop import Evaluation, TrainResult, evaluate, train
 
 __version__ = "0.1.0"
 

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from batchpilot.checks import Reduction
 from batchpilot.errors import BadInputError, UserCodeError
 from batchpilot.oom import is_out_of_memory
 
-Reduction = Literal["mean", "sum"]
 MetricMode = Literal["min", "max"]
 
 ModelFactory = Callable[[], nn.Module]

@@ -16,17 +16,18 @@ from typing import Any, Protocol
 
 import torch
 
+from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.errors import BadInputError
-from batchpilot.goodput import plan_goodput
-from batchpilot.lr_finder import LRFinderResult, find_lr
-from batchpilot.memory_search import MaxBatchResult, find_max_batch
-from batchpilot.noise import NoiseScaleResult, measure_noise_scale
-from batchpilot.recommend import Recommendation, is_adam_family, noise_aware_lr, recommend
-from batchpilot.scaling import check_positive_float, check_positive_int, scale_adam
+from batchpilot.measure._lr_range import LRFinderResult, find_lr
+from batchpilot.measure._memory_search import MaxBatchResult, find_max_batch
+from batchpilot.measure._noise import NoiseScaleResult, measure_noise_scale
+from batchpilot.measure._throughput import ThroughputCurve, measure_throughput
+from batchpilot.plan._goodput import plan_goodput
+from batchpilot.plan._recommend import Recommendation, is_adam_family, noise_aware_lr, recommend
+from batchpilot.plan._scaling import scale_adam
 from batchpilot.summary import TaskSummary, summarize_task
 from batchpilot.task import Task
-from batchpilot.throughput import ThroughputCurve, measure_throughput
-from batchpilot.training import train
+from batchpilot.training._loop import train
 
 PHASES = ("memory", "throughput", "lr range test", "noise scale", "recommendation", "verify")
 

@@ -25,7 +25,7 @@ from batchpilot.cli.app import (
 from batchpilot.devices import resolve_device
 from batchpilot.errors import BadInputError
 from batchpilot.jsonio import to_json
-from batchpilot.lr_finder import (
+from batchpilot.measure._lr_range import (
     DEFAULT_METHOD,
     MODES,
     VERIFY_FINAL_SEEDS,
@@ -34,7 +34,7 @@ from batchpilot.lr_finder import (
     Verification,
     find_lr,
 )
-from batchpilot.lr_suggest import METHODS
+from batchpilot.measure._lr_suggest import METHODS
 
 DEFAULT_OUT = Path("batchpilot-lr-find")
 

@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from batchpilot.accumulation import AccumulationPlan, plan_accumulation
 from batchpilot.cli.app import (
     DebugOpt,
     DeviceOpt,
@@ -26,9 +25,20 @@ from batchpilot.cli.app import (
 )
 from batchpilot.devices import resolve_device
 from batchpilot.errors import BadInputError
-from batchpilot.memory import MEMORY_MODES
-from batchpilot.memory_search import MaxBatchResult, find_max_batch, format_bytes, parse_size
-from batchpilot.throughput import ROUNDINGS, ThroughputCurve, measure_throughput, round_batch
+from batchpilot.measure._memory import MEMORY_MODES
+from batchpilot.measure._memory_search import (
+    MaxBatchResult,
+    find_max_batch,
+    format_bytes,
+    parse_size,
+)
+from batchpilot.measure._throughput import (
+    ROUNDINGS,
+    ThroughputCurve,
+    measure_throughput,
+    round_batch,
+)
+from batchpilot.plan._accumulation import AccumulationPlan, plan_accumulation
 
 DeviceMemoryOpt = Annotated[
     str | None,

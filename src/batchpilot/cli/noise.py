@@ -1,7 +1,7 @@
 """``batchpilot noise``: the gradient noise scale during a short training run, and the goodput plan.
 
-The learning rate comes from ``--lr``, else from the range test (:mod:`batchpilot.lr_finder`), else
-the task's reference lr. The throughput curve comes from :mod:`batchpilot.throughput` when that
+The learning rate comes from ``--lr``, else from the range test (:mod:`batchpilot.measure._lr_range`), else
+the task's reference lr. The throughput curve comes from :mod:`batchpilot.measure._throughput` when that
 module is installed, else from timing a few training steps per micro-batch here.
 """
 
@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from batchpilot.checks import check_positive_int
 from batchpilot.cli.app import (
     DebugOpt,
     DeviceOpt,
@@ -36,13 +37,12 @@ from batchpilot.cli.app import (
 from batchpilot.data import to_device
 from batchpilot.devices import resolve_device, synchronize
 from batchpilot.errors import BadInputError
-from batchpilot.goodput import GoodputPlan, Throughput, plan_goodput
-from batchpilot.noise import NoiseScaleResult, check_split, measure_noise_scale
+from batchpilot.measure._noise import NoiseScaleResult, check_split, measure_noise_scale
 from batchpilot.oom import is_out_of_memory
-from batchpilot.scaling import check_positive_int
+from batchpilot.plan._goodput import GoodputPlan, Throughput, plan_goodput
 from batchpilot.state import preserved_rng
 from batchpilot.task import Task
-from batchpilot.training import accumulate_gradients, micro_batches
+from batchpilot.training._loop import accumulate_gradients, micro_batches
 
 
 @app.command(
@@ -160,7 +160,7 @@ def _learning_rate(
 ) -> tuple[float, str]:
     if lr is not None:
         return lr, "given"
-    lr_finder = _optional("batchpilot.lr_finder")
+    lr_finder = _optional("batchpilot.measure._lr_range")
     if lr_finder is not None:
         with progress() as bar:
             job = bar.add_task("LR range test", total=None)
@@ -211,7 +211,7 @@ def _throughput(
     seed: int,
     notes: list[str],
 ) -> tuple[Throughput, str]:
-    throughput_module = _optional("batchpilot.throughput")
+    throughput_module = _optional("batchpilot.measure._throughput")
     if throughput_module is not None:
         with progress() as bar:
             bar.add_task("throughput", total=None)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from batchpilot.cli.app import DebugOpt, FormatOpt, OutputFormat, app, emit
-from batchpilot.scaling import ScalePlan, plan_scaling
+from batchpilot.plan._scaling import ScalePlan, plan_scaling
 
 
 @app.command(

@@ -25,7 +25,7 @@ from batchpilot.devices import resolve_device
 from batchpilot.examples import EXAMPLES
 from batchpilot.loading import load_task
 from batchpilot.summary import TaskSummary, summarize_task
-from batchpilot.training import TrainResult, train
+from batchpilot.training._loop import TrainResult, train
 
 
 @app.command("examples", help="List the built-in example tasks (use them with --example NAME).")

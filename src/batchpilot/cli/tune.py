@@ -25,7 +25,7 @@ from batchpilot.cli.app import (
     stderr,
 )
 from batchpilot.devices import resolve_device
-from batchpilot.memory_search import parse_size
+from batchpilot.measure._memory_search import parse_size
 from batchpilot.report.tune import write_tune_report
 from batchpilot.tune import TuneOptions, TuneResult, tune
 

@@ -29,13 +29,13 @@ from typing import Any, Literal
 
 import torch
 
+from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.demos.findings import Finding, verdict
 from batchpilot.errors import BadInputError
 from batchpilot.loading import load_task
-from batchpilot.scaling import check_positive_float, check_positive_int
 from batchpilot.state import preserved_rng
 from batchpilot.task import Task
-from batchpilot.training import accumulate_gradients, evaluate, micro_batches
+from batchpilot.training._loop import accumulate_gradients, evaluate, micro_batches
 
 NAME = "decay-vs-batch"
 SOURCE = "seed 000 (CSDN: batch size and learning rate), after Smith et al. 2018 (arXiv 1711.00489)"

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.demos.findings import Finding, verdict
 from batchpilot.errors import BadInputError
-from batchpilot.scaling import check_positive_float, check_positive_int
 from batchpilot.state import preserved_rng
 from batchpilot.task import Task
-from batchpilot.training import accumulate_gradients, evaluate, micro_batches
+from batchpilot.training._loop import accumulate_gradients, evaluate, micro_batches
 
 NAME = "sketch"
 SOURCE = "seed 003 (Zhihu: how to choose the batch size), the six-point sketch"

@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
+from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.demos.findings import Finding, first_reaching, verdict
 from batchpilot.errors import BadInputError
 from batchpilot.loading import load_task
-from batchpilot.scaling import check_positive_float, check_positive_int
-from batchpilot.training import TrainResult, train
+from batchpilot.training._loop import TrainResult, train
 
 NAME = "xor"
 SOURCE = "seed 003 (Zhihu: how to choose the batch size), the 4-input XOR homework"

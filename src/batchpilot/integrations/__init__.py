@@ -7,7 +7,7 @@ Each lives in its own module and imports its framework only when that module is 
     from batchpilot.integrations.huggingface import BatchpilotTrainerCallback  # pip install transformers
 
 The names are also reachable here, imported on first access. Plain ``torchrun`` / DDP loops use
-:mod:`batchpilot.runtime`, :mod:`batchpilot.sampler` and :mod:`batchpilot.noise` directly.
+:mod:`batchpilot.training._runtime`, :mod:`batchpilot.training._sampler` and :mod:`batchpilot.measure._noise` directly.
 """
 
 from __future__ import annotations

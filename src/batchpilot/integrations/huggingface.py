@@ -22,9 +22,9 @@ What it does:
   synchronised micro-batch apart; it then estimates from each rank's unsynchronised micro-batches
   (``gradient_accumulation_steps ≥ 3``).
 - **schedules, where the Trainer allows**: the Trainer fixes the batch and the accumulation when
-  ``train()`` starts, so a :class:`~batchpilot.schedules.BatchSchedule`'s noise reduction is applied
+  ``train()`` starts, so a :class:`~batchpilot.training._schedules.BatchSchedule`'s noise reduction is applied
   through the lr (what its batch increase would do once the batch is capped), and an
-  :class:`~batchpilot.adaptive.AdaptiveBatch` defines the AdaScale gain applied at the Trainer's
+  :class:`~batchpilot.training._adaptive.AdaptiveBatch` defines the AdaScale gain applied at the Trainer's
   batch (relative to its base batch) and the recommendation.
   The factor multiplies the lr the Trainer's own scheduler set, for the optimizer step only (it is
   taken off again before the scheduler steps). The batch the schedule would use is logged as
@@ -48,15 +48,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from batchpilot.adaptive import AdaptiveBatch, adascale_gain, lr_gain, recommend_batch
+from batchpilot.checks import check_positive_int
 from batchpilot.data import batch_size as samples_in
 from batchpilot.errors import BadInputError
-from batchpilot.goodput import Throughput
 from batchpilot.integrations import missing_extra
-from batchpilot.noise import DEFAULT_MAX_OVERHEAD, GradientNoiseScale, NoiseScaleWarning
-from batchpilot.runtime import distributed_world
-from batchpilot.scaling import check_positive_int
-from batchpilot.schedules import BatchSchedule
+from batchpilot.measure._noise import DEFAULT_MAX_OVERHEAD, GradientNoiseScale, NoiseScaleWarning
+from batchpilot.plan._goodput import Throughput
+from batchpilot.training._adaptive import AdaptiveBatch, adascale_gain, lr_gain, recommend_batch
+from batchpilot.training._runtime import distributed_world
+from batchpilot.training._schedules import BatchSchedule
 
 _IMPORT_ERROR: ImportError | None = None
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class BatchpilotTrainerCallback(TrainerCallback):
             curve define the AdaScale gain applied at the Trainer's (fixed) batch and the
             recommended batch.
         track_noise: measure the gradient noise scale.
-        throughput: a throughput curve for the recommendation (see :mod:`batchpilot.goodput`).
+        throughput: a throughput curve for the recommendation (see :mod:`batchpilot.plan._goodput`).
         base_batch: the batch the recommendation and the gain are relative to (default: the
             schedule's or controller's, else the Trainer's global batch).
         every_n_steps: read the estimate for the gain every that many steps (reading it
@@ -92,7 +92,7 @@ class BatchpilotTrainerCallback(TrainerCallback):
         ema_decay: the estimator's moving-average decay.
         max_overhead: the share of the step time the estimator may take (single process; it
             observes fewer steps to stay within it; ``None``: every step). See
-            :class:`~batchpilot.noise.GradientNoiseScale`.
+            :class:`~batchpilot.measure._noise.GradientNoiseScale`.
         trainer: the Trainer, needed only under DDP (to see its wrapped model).
     """
 

@@ -3,7 +3,7 @@
 ::
 
     from batchpilot.integrations.lightning import BatchpilotCallback
-    from batchpilot.schedules import BatchLimits, periodic_batch
+    from batchpilot.training._schedules import BatchLimits, periodic_batch
 
     schedule = periodic_batch(base_batch=64, base_lr=0.05, every_epochs=10,
                               limits=BatchLimits(max_micro_batch=256, dataset_size=50_000))
@@ -16,18 +16,18 @@ What it does:
 
 - **before fit** (``on_fit_start``): calls ``tuner(trainer, module)`` when given — any function
   returning the largest micro-batch that fits, e.g. a wrapper around
-  ``batchpilot.memory_search.find_max_batch`` — and takes it as the memory limit; applies the
+  ``batchpilot.measure._memory_search.find_max_batch`` — and takes it as the memory limit; applies the
   schedule's first setting; warns about multi-device pitfalls (BatchNorm per device).
 - **noise scale**: on one device from the micro-batches of gradient accumulation (set
   ``accumulate_grad_batches ≥ 2``), under DDP from each rank's gradient (a communication hook on
   the strategy's DDP model); logged as ``batchpilot/noise_scale`` with the recommended batch
   (``batchpilot/recommended_batch``), the batch and the lr.
-- **schedules**: a :class:`~batchpilot.schedules.BatchSchedule` is applied at each epoch start —
+- **schedules**: a :class:`~batchpilot.training._schedules.BatchSchedule` is applied at each epoch start —
   the lr of every param group of every optimizer, ``trainer.accumulate_grad_batches``, and the
-  micro-batch: through a :class:`~batchpilot.sampler.ScheduledBatchSampler` built with ``sized=False`` as the
+  micro-batch: through a :class:`~batchpilot.training._sampler.ScheduledBatchSampler` built with ``sized=False`` as the
   train loader's ``batch_sampler`` (pass ``use_distributed_sampler=False``), or else through a
   ``batch_size`` attribute of the module or datamodule (the loader must be rebuilt:
-  ``reload_dataloaders_every_n_epochs=1``). An :class:`~batchpilot.adaptive.AdaptiveBatch` sets
+  ``reload_dataloaders_every_n_epochs=1``). An :class:`~batchpilot.training._adaptive.AdaptiveBatch` sets
   the lr every step (AdaScale gain) and its batch at the next epoch start.
 
 Lightning is imported with this module, never by ``import batchpilot``.
@@ -40,17 +40,17 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from batchpilot.adaptive import AdaptiveBatch, recommend_batch
+from batchpilot.checks import check_positive_int
 from batchpilot.data import batch_size as samples_in
 from batchpilot.errors import BadInputError
-from batchpilot.goodput import Throughput
 from batchpilot.integrations import missing_extra
-from batchpilot.noise import DEFAULT_MAX_OVERHEAD, GradientNoiseScale, NoiseScaleWarning
-from batchpilot.pitfalls import Pitfall, check_batchnorm, warn_pitfalls
-from batchpilot.runtime import apply_lr, resplit
-from batchpilot.sampler import ScheduledBatchSampler
-from batchpilot.scaling import check_positive_int
-from batchpilot.schedules import BatchSchedule, BatchSetting
+from batchpilot.measure._noise import DEFAULT_MAX_OVERHEAD, GradientNoiseScale, NoiseScaleWarning
+from batchpilot.plan._goodput import Throughput
+from batchpilot.training._adaptive import AdaptiveBatch, recommend_batch
+from batchpilot.training._pitfalls import Pitfall, check_batchnorm, warn_pitfalls
+from batchpilot.training._runtime import apply_lr, resplit
+from batchpilot.training._sampler import ScheduledBatchSampler
+from batchpilot.training._schedules import BatchSchedule, BatchSetting
 
 _IMPORT_ERROR: ImportError | None = None
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class BatchpilotCallback(Callback):
         track_noise: measure the gradient noise scale.
         tuner: ``tuner(trainer, module) -> max_micro_batch``, called once before fit.
         max_micro_batch: the largest micro-batch known to fit (the tuner's result replaces it).
-        throughput: a throughput curve for the recommendation (see :mod:`batchpilot.goodput`).
+        throughput: a throughput curve for the recommendation (see :mod:`batchpilot.plan._goodput`).
         base_batch: the batch the recommendation is relative to (default: the schedule's or the
             first step's global batch).
         every_n_steps: read and log the estimate every that many optimizer steps (reading it
@@ -86,7 +86,7 @@ class BatchpilotCallback(Callback):
         ema_decay: the estimator's moving-average decay.
         max_overhead: the share of the step time the estimator may take (single process; it
             observes fewer steps to stay within it; ``None``: every step). See
-            :class:`~batchpilot.noise.GradientNoiseScale`.
+            :class:`~batchpilot.measure._noise.GradientNoiseScale`.
         check_pitfalls: warn about multi-device pitfalls before fit.
     """
 

@@ -1,7 +1,7 @@
 """The range-test curve with its suggestions marked: :func:`plot_lr_find`.
 
 >>> from batchpilot.loading import load_task
->>> from batchpilot.lr_finder import find_lr
+>>> from batchpilot.measure._lr_range import find_lr
 >>> result = find_lr(load_task(example="spiral"), micro_batch=10, steps=40, repeats=2)
 >>> ax = plot_lr_find(result)
 >>> ax.get_xscale()
@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 
-from batchpilot.lr_finder import LRFinderResult
+from batchpilot.measure._lr_range import LRFinderResult
 
 _COLORS = {"steepest": "tab:red", "valley": "tab:green", "minimum_over_10": "tab:purple"}
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from batchpilot.memory_search import MaxBatchResult
-from batchpilot.throughput import ThroughputCurve
+from batchpilot.measure._memory_search import MaxBatchResult
+from batchpilot.measure._throughput import ThroughputCurve
 
 _MIB = 2**20
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
-from batchpilot.goodput import GoodputPlan
-from batchpilot.noise import NoiseScalePoint, NoiseScaleResult
+from batchpilot.measure._noise import NoiseScalePoint, NoiseScaleResult
+from batchpilot.plan._goodput import GoodputPlan
 
 
 def plot_noise_history(

@@ -8,11 +8,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from batchpilot.jsonio import to_json
+from batchpilot.plan._scaling import plan_scaling
 from batchpilot.plots.lr_find import plot_lr_find
 from batchpilot.plots.memory import plot_memory, plot_throughput
 from batchpilot.plots.noise import plot_goodput, plot_noise_history
 from batchpilot.report.html import Document, Figure, Section, Table, render_html
-from batchpilot.scaling import plan_scaling
 from batchpilot.tune import TuneResult
 
 FORMULAS = (
@@ -260,7 +260,7 @@ def build_tune_document(result: TuneResult) -> Document:
 
 
 def _goodput_plan(result: TuneResult) -> object:
-    from batchpilot.goodput import plan_goodput
+    from batchpilot.plan._goodput import plan_goodput
 
     rec = result.recommendation
     return plan_goodput(

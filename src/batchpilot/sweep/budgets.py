@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
+from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.errors import BadInputError
-from batchpilot.scaling import check_positive_float, check_positive_int
 
 Objective = Literal[
     "val_metric", "val_loss", "steps_to_target", "samples_to_target", "seconds_to_target"

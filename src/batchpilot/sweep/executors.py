@@ -24,9 +24,9 @@ from typing import Any, Literal, Protocol, get_args
 
 import torch
 
+from batchpilot.checks import check_positive_int
 from batchpilot.errors import BadInputError
 from batchpilot.loading import load_task
-from batchpilot.scaling import check_positive_int
 from batchpilot.sweep.trials import TrialResult, TrialSpec, failed_trial, run_trial
 from batchpilot.task import Task
 

@@ -1,7 +1,7 @@
 """The learning rate of every trial: rescaled from a reference, re-found by a range test, or a grid.
 
 Each trial's lr is ``base(batch) × factor``. The base is the reference lr rescaled to the trial's
-batch by a rule of :mod:`batchpilot.scaling` (``linear``, ``sqrt``, ``adam``, ``none``) or the
+batch by a rule of :mod:`batchpilot.plan._scaling` (``linear``, ``sqrt``, ``adam``, ``none``) or the
 suggestion of the lr range test at that batch (``range-test``); the factors make a small grid
 around it (one factor of 1 = no grid). A grid around the square-root rule lets the data decide
 between the linear and square-root rules: the sweep fits the exponent of the best lr vs batch.
@@ -18,8 +18,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, get_args
 
+from batchpilot.checks import Reduction, check_positive_float, check_positive_int
 from batchpilot.errors import BadInputError
-from batchpilot.scaling import Reduction, Rule, check_positive_float, check_positive_int, scale_lr
+from batchpilot.plan._scaling import Rule, scale_lr
 from batchpilot.task import Task
 
 LrRule = Literal["linear", "sqrt", "adam", "none", "range-test"]

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchpilot.checks import check_positive_int
 from batchpilot.errors import BadInputError
 from batchpilot.loading import load_task
-from batchpilot.scaling import BatchSplit, check_positive_int, decompose_batch
+from batchpilot.plan._scaling import BatchSplit, decompose_batch
 from batchpilot.sweep.analysis import SweepAnalysis, analyze, batch_scores
 from batchpilot.sweep.budgets import TARGET_OBJECTIVES, Budget, check_objective
 from batchpilot.sweep.executors import Executor, make_executor

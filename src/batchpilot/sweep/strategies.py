@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, get_args
 
+from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.errors import BadInputError
-from batchpilot.scaling import check_positive_float, check_positive_int
 
 Direction = Literal["both", "down", "up"]
 DIRECTIONS: tuple[str, ...] = get_args(Direction)

@@ -1,7 +1,7 @@
 """One trial of a sweep: train a fresh model at one (batch, lr) for the budget and record its curve.
 
 A :class:`TrialSpec` is plain data (it crosses process and machine boundaries, so the task travels
-as its spec string); :func:`run_trial` trains with :func:`batchpilot.training.train` and returns a
+as its spec string); :func:`run_trial` trains with :func:`batchpilot.training._loop.train` and returns a
 :class:`TrialResult`. Failures that belong to the trial (out of memory, the user's code raising, a
 batch the task cannot take) become a failed result instead of ending the sweep.
 
@@ -32,12 +32,12 @@ import torch
 from batchpilot.devices import resolve_device
 from batchpilot.errors import BadInputError, BatchpilotError
 from batchpilot.oom import is_out_of_memory
-from batchpilot.scaling import scale_adam
+from batchpilot.plan._scaling import scale_adam
 from batchpilot.state import preserved_rng
 from batchpilot.sweep.budgets import first_crossing, interpolate
 from batchpilot.sweep.lrs import LrPlan
 from batchpilot.task import Task
-from batchpilot.training import Evaluation, TrainResult, evaluate, train
+from batchpilot.training._loop import Evaluation, TrainResult, evaluate, train
 
 Status = Literal["done", "failed"]
 
@@ -202,12 +202,12 @@ def _range_test_lr(task: Task, spec: TrialSpec, device: torch.device) -> float:
 
 
 def import_find_lr() -> Callable[..., Any]:
-    """``batchpilot.lr_finder.find_lr``, imported on first use with a clear error if missing."""
+    """``batchpilot.measure._lr_range.find_lr``, imported on first use with a clear error if missing."""
     try:
-        from batchpilot.lr_finder import find_lr  # type: ignore[import-not-found,unused-ignore]
+        from batchpilot.measure._lr_range import find_lr  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
         raise BadInputError(
-            "lr_rule: 'range-test' needs batchpilot.lr_finder.find_lr, which this installation "
+            "lr_rule: 'range-test' needs batchpilot.measure._lr_range.find_lr, which this installation "
             f"does not have ({exc}); use linear, sqrt, adam, none or an lr grid"
         ) from exc
     return find_lr  # type: ignore[no-any-return,unused-ignore]
@@ -240,7 +240,7 @@ def _with_adam_scaling(task: Task, spec: TrialSpec) -> Task:
 
 
 def initial_evaluation(task: Task, *, seed: int, device: torch.device) -> Evaluation:
-    """Validation of the model a trial starts from: :func:`~batchpilot.training.train` draws it
+    """Validation of the model a trial starts from: :func:`~batchpilot.training._loop.train` draws it
     first from ``seed``, so drawing it the same way gives the same weights."""
     with preserved_rng():
         torch.manual_seed(seed)

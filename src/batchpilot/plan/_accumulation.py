@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from batchpilot.checks import check_positive_int
 from batchpilot.errors import BadInputError
-from batchpilot.scaling import check_positive_int
 
 # Speeds this close count as equal: the curve's own timing noise is of this order.
 SPEED_TIE = 0.02
@@ -96,7 +96,7 @@ def plan_accumulation(
         global_batch: the target samples per optimizer step, over all devices.
         max_micro_batch: the largest micro-batch that fits on one device.
         curve: measured speed per micro-batch (a
-            :class:`~batchpilot.throughput.ThroughputCurve`); without it, the largest micro-batch
+            :class:`~batchpilot.measure._throughput.ThroughputCurve`); without it, the largest micro-batch
             that splits the target is taken.
         world_size: data-parallel devices.
         exact: only splits whose product is exactly ``global_batch``; otherwise any within

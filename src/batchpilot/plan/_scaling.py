@@ -20,12 +20,16 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
+from batchpilot.checks import (
+    Reduction,
+    check_positive_float,
+    check_positive_int,
+    check_reduction,
+)
 from batchpilot.errors import BadInputError
 
 Rule = Literal["linear", "sqrt", "adam", "none"]
-Reduction = Literal["mean", "sum"]
 RULES: tuple[str, ...] = get_args(Rule)
-REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 # Goyal et al. 2017 warm up over 5 epochs when they scale the lr linearly.
 GOYAL_WARMUP_EPOCHS = 5.0
@@ -40,34 +44,10 @@ _RULE_FORMULAS = {
 }
 
 
-def check_positive_int(name: str, value: int) -> int:
-    """Return ``value`` if it is a positive integer, else raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise BadInputError(f"{name}: expected a positive integer, got {value!r}")
-    return value
-
-
-def check_positive_float(name: str, value: float) -> float:
-    """Return ``value`` as a float if it is positive and finite, else raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadInputError(f"{name}: expected a positive number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise BadInputError(f"{name}: expected a positive number, got {value!r}")
-    return float(value)
-
-
 def check_rule(rule: str) -> Rule:
     if rule not in RULES:
         raise BadInputError(f"rule: unknown rule {rule!r}; expected one of {', '.join(RULES)}")
     return rule  # type: ignore[return-value]
-
-
-def check_reduction(reduction: str) -> Reduction:
-    if reduction not in REDUCTIONS:
-        raise BadInputError(
-            f"reduction: unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}"
-        )
-    return reduction  # type: ignore[return-value]
 
 
 def _sgd_factor(rule: Rule, kappa: float, reduction: Reduction) -> float:
@@ -488,3 +468,22 @@ def _reduction_sentence(
     if reduction == "sum" and rule == "adam":
         return f"Adam divides out the gradient's scale, so a summed loss changes only eps: lr {lr:.6g}."
     return f"New lr = {ref_lr:g} × {lr / ref_lr:.4g} = {lr:.6g}."
+
+
+__all__ = [
+    "GOYAL_WARMUP_EPOCHS",
+    "RULES",
+    "AdamScaling",
+    "BatchSplit",
+    "Rule",
+    "ScalePlan",
+    "check_rule",
+    "decompose_batch",
+    "plan_scaling",
+    "scale_adam",
+    "scale_beta",
+    "scale_lr",
+    "split_from_micro_batch",
+    "steps_per_epoch",
+    "warmup_steps",
+]

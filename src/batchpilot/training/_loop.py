@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.data import batch_size, to_device
 from batchpilot.errors import BadInputError
-from batchpilot.scaling import check_positive_float, check_positive_int
 from batchpilot.state import preserved_rng
 from batchpilot.task import Task
 
@@ -215,3 +215,13 @@ def train(
         evaluations=tuple(evaluations),
         diverged=diverged,
     )
+
+
+__all__ = [
+    "Evaluation",
+    "TrainResult",
+    "accumulate_gradients",
+    "evaluate",
+    "micro_batches",
+    "train",
+]

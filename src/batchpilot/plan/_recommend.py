@@ -22,12 +22,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from batchpilot.goodput import Throughput, plan_goodput
-from batchpilot.scaling import (
+from batchpilot.checks import check_positive_float, check_positive_int
+from batchpilot.plan._goodput import Throughput, plan_goodput
+from batchpilot.plan._scaling import (
     GOYAL_WARMUP_EPOCHS,
     BatchSplit,
-    check_positive_float,
-    check_positive_int,
     scale_adam,
     steps_per_epoch,
     warmup_steps,
@@ -140,7 +139,7 @@ def recommend(
     """Combine the phases' measurements into one recommendation with its reasons and warnings.
 
     ``throughput`` is one device's samples/s per micro-batch (pairs or a curve object, see
-    :func:`batchpilot.goodput.plan_goodput`); the global batch maximises goodput over powers of two
+    :func:`batchpilot.plan._goodput.plan_goodput`); the global batch maximises goodput over powers of two
     up to the dataset size (or ``max_global_batch``).
     """
     check_positive_int("train_size", train_size)

@@ -34,8 +34,8 @@ from typing import Any, Literal
 from torch import nn
 from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
 
+from batchpilot.checks import check_positive_int
 from batchpilot.errors import BadInputError
-from batchpilot.scaling import check_positive_int
 
 Severity = Literal["warning", "info"]
 
@@ -233,7 +233,7 @@ def check_shuffling(
         world_size: the data-parallel world size.
         epoch: the epoch the loop is in, to check that ``set_epoch`` was called.
         seeds: each rank's sampler seed (gathered with
-            :func:`batchpilot.runtime.gather_objects`), to check they agree.
+            :func:`batchpilot.training._runtime.gather_objects`), to check they agree.
         first_batches: each rank's indices of the same step, to check they are disjoint.
     """
     check_positive_int("world_size", world_size)
@@ -254,7 +254,7 @@ def check_shuffling(
                 + (": every rank iterates the whole dataset" if plain else "")
                 + ", so ranks see overlapping samples and an epoch is not one pass over the data.",
                 "Use torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=SEED) or "
-                "batchpilot.sampler.ScheduledBatchSampler, with the same seed on every rank.",
+                "batchpilot.training._sampler.ScheduledBatchSampler, with the same seed on every rank.",
             )
         )
     if distributed:
@@ -362,7 +362,7 @@ def check_distributed_run(
 ) -> list[Pitfall]:
     """Inside a ``torchrun`` job: gather each rank's seed, first-step indices and item count (one
     collective each) and run every check; every rank gets the same list."""
-    from batchpilot.runtime import distributed_world, gather_objects
+    from batchpilot.training._runtime import distributed_world, gather_objects
 
     world, _ = distributed_world(group)
     seed = getattr(sampler, "seed", None)

@@ -36,8 +36,9 @@ from typing import Any, Literal, Protocol, get_args
 
 import torch
 
+from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.errors import BadInputError
-from batchpilot.scaling import check_positive_float, check_positive_int, scale_lr
+from batchpilot.plan._scaling import scale_lr
 
 LrRule = Literal["none", "linear", "sqrt"]
 PlateauMode = Literal["min", "max"]

@@ -31,15 +31,15 @@ from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 
+from batchpilot.checks import check_positive_int
 from batchpilot.data import to_device
 from batchpilot.devices import synchronize
 from batchpilot.errors import BadInputError
-from batchpilot.memory import release_memory, training_step
+from batchpilot.measure._memory import release_memory, training_step
 from batchpilot.oom import is_out_of_memory
-from batchpilot.scaling import check_positive_int
 from batchpilot.state import preserved, preserved_rng
 from batchpilot.task import Task
-from batchpilot.training import micro_batches
+from batchpilot.training._loop import micro_batches
 
 Rounding = Literal["none", "8", "pow2"]
 ROUNDINGS: tuple[str, ...] = get_args(Rounding)
@@ -248,7 +248,7 @@ def measure_throughput(
         batches: the micro-batches to time; default: a doubling ladder up to ``max_batch`` plus
             the largest batch rounded down to a power of two and to a multiple of 8.
         max_batch: top of the ladder; default: the largest micro-batch that fits
-            (:func:`~batchpilot.memory_search.find_max_batch`), at most the training-set size.
+            (:func:`~batchpilot.measure._memory_search.find_max_batch`), at most the training-set size.
         warmup_steps: untimed steps before timing each batch (kernel selection, caches).
         timed_steps: timed steps per batch; the median is kept.
         knee_fraction: the knee is the smallest batch reaching this fraction of the best speed.
@@ -266,7 +266,7 @@ def measure_throughput(
         ladder = _check_batches(task, batches)
     else:
         if max_batch is None:
-            from batchpilot.memory_search import find_max_batch
+            from batchpilot.measure._memory_search import find_max_batch
 
             max_batch = find_max_batch(task, device=device, seed=seed).max_micro_batch
         check_positive_int("max_batch", max_batch)

@@ -5,7 +5,7 @@ optimizer steps at the batch you train with (micro-batch × accumulation steps).
 point: the lr of the step and the training loss measured *after* it, on the next batch — the loss
 that lr produced (tools that pair a step's lr with the loss measured before it read every point one
 lr too high). Losses are per-sample means whatever the task's reduction, gradients are accumulated
-exactly as in :func:`batchpilot.training.train`, and every parameter group keeps its ratio to the
+exactly as in :func:`batchpilot.training._loop.train`, and every parameter group keeps its ratio to the
 first group's lr.
 
 The curve is smoothed by an exponential moving average debiased with the number of points averaged
@@ -15,7 +15,7 @@ The test stops when the smoothed loss exceeds ``divergence_factor`` × its best 
 is not finite, and keeps the points before that step.
 
 The test is repeated ``repeats`` times with different seeds (model initialisation and data order);
-suggestions come from the mean curve (:mod:`batchpilot.lr_suggest`), and the spread of each rule's
+suggestions come from the mean curve (:mod:`batchpilot.measure._lr_suggest`), and the spread of each rule's
 suggestion over the repeats says how sure the answer is.
 
 >>> from batchpilot.loading import load_task
@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.devices import resolve_device
 from batchpilot.errors import BadInputError
-from batchpilot.lr_suggest import (
+from batchpilot.measure._lr_suggest import (
     METHODS,
     Method,
     Spread,
@@ -47,10 +48,9 @@ from batchpilot.lr_suggest import (
     spread,
     suggest,
 )
-from batchpilot.scaling import check_positive_float, check_positive_int
 from batchpilot.state import preserved, preserved_rng
 from batchpilot.task import Task
-from batchpilot.training import accumulate_gradients, micro_batches, train
+from batchpilot.training._loop import accumulate_gradients, micro_batches, train
 
 Mode = Literal["exponential", "linear"]
 MODES: tuple[Mode, ...] = ("exponential", "linear")

@@ -1,8 +1,8 @@
 """Applying a batch schedule in a running loop: the lr of every param group, accumulation raised on
 out-of-memory, and every DDP rank in agreement.
 
-:class:`BatchRuntime` takes a :class:`~batchpilot.schedules.BatchSetting` (from a schedule or
-:class:`~batchpilot.adaptive.AdaptiveBatch`), sets the lr of every param group (keeping the ratios
+:class:`BatchRuntime` takes a :class:`~batchpilot.training._schedules.BatchSetting` (from a schedule or
+:class:`~batchpilot.training._adaptive.AdaptiveBatch`), sets the lr of every param group (keeping the ratios
 between groups), and runs one optimizer step's forward/backward passes over the rank's batch in as
 many micro-batches as the memory limit needs. An out-of-memory error lowers the limit and retries
 the step with more accumulation steps — the global batch and the lr stay what the schedule said.
@@ -43,11 +43,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.data import batch_size as samples_in
 from batchpilot.errors import BadInputError
 from batchpilot.oom import is_out_of_memory
-from batchpilot.scaling import check_positive_float, check_positive_int
-from batchpilot.schedules import BatchSetting
+from batchpilot.training._schedules import BatchSetting
 
 # The key under which each param group's own lr at the first apply_lr is kept (saved with the
 # optimizer's state_dict, so a resumed run scales the same base).
@@ -119,7 +119,7 @@ def resplit(
     """``setting`` with its micro-batch lowered to ``max_micro_batch`` (when above it) and the
     accumulation steps raised to keep the global batch; batch and lr are unchanged.
 
-    >>> from batchpilot.schedules import BatchSetting
+    >>> from batchpilot.training._schedules import BatchSetting
     >>> resplit(BatchSetting(256, 0.1, 256, 1, 1, 1.0), max_micro_batch=100)
     BatchSetting(batch=256, lr=0.1, micro_batch=86, accumulation_steps=3, world_size=1, noise_reduction=1.0)
     """

@@ -3,7 +3,7 @@
 :class:`ScheduledBatchSampler` goes through one permutation of the dataset per epoch and cuts it
 into consecutive global batches whose size it asks for just before each batch — from a fixed
 size (changed with :meth:`~ScheduledBatchSampler.set_batch_size`), a
-:class:`~batchpilot.schedules.BatchSchedule`, or a function of the fractional epoch. The last batch
+:class:`~batchpilot.training._schedules.BatchSchedule`, or a function of the fractional epoch. The last batch
 of an epoch takes what is left, so every index appears exactly once per epoch whatever the
 schedule.
 
@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from batchpilot.checks import check_positive_int
 from batchpilot.errors import BadInputError
-from batchpilot.scaling import check_positive_int
-from batchpilot.schedules import BatchSchedule
+from batchpilot.training._schedules import BatchSchedule
 
 BatchSource = int | BatchSchedule | Callable[[float], int]
 

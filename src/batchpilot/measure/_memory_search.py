@@ -33,8 +33,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from batchpilot.checks import check_positive_int
 from batchpilot.errors import BadInputError, UserCodeError
-from batchpilot.memory import (
+from batchpilot.measure._memory import (
     MemoryProbe,
     StepMemory,
     TensorTracker,
@@ -43,7 +44,6 @@ from batchpilot.memory import (
     resolve_mode,
 )
 from batchpilot.oom import is_out_of_memory
-from batchpilot.scaling import check_positive_int
 from batchpilot.task import Task
 
 _UNITS = {
@@ -225,7 +225,7 @@ def search_max_batch(
     bracket from there. The answer is the largest batch a real step fitted at; 0 when not even 1
     fits.
 
-    >>> from batchpilot.memory import StepMemory
+    >>> from batchpilot.measure._memory import StepMemory
     >>> def fake(b):  # 1 kB fixed, 100 B a sample
     ...     return StepMemory(b, 1000 + 100 * b, 1000 + 100 * b, 1000, "fake", "cpu")
     >>> outcome = search_max_batch(fake, limit_bytes=50_000, cap=10_000)

@@ -6,7 +6,7 @@ At a batch ``B = s·B0`` one step is worth ``r`` steps at the base batch ``B0``,
     r = (σ² + μ²) / (σ²/s + μ²)      σ² = tr(Σ)/B0, μ² = |G|²
 
 which is ``s·E(B)`` with the statistical efficiency ``E(B) = (B_noise + B0)/(B_noise + B)`` of
-:mod:`batchpilot.goodput`. SGD takes the lr times ``r``; Adam-family optimizers, which divide out
+:mod:`batchpilot.plan._goodput`. SGD takes the lr times ``r``; Adam-family optimizers, which divide out
 the gradient's scale, times ``√r`` (the square-root rule). Progress is counted in gain-weighted
 steps ``τ = Σ r_t`` — base-batch steps — so an lr decay written for the base batch is evaluated at
 ``τ`` and stays comparable whatever the batch did.
@@ -39,11 +39,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
+from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.errors import BadInputError
-from batchpilot.goodput import Throughput, plan_goodput, statistical_efficiency
-from batchpilot.noise import NoiseScaleEstimate
-from batchpilot.scaling import check_positive_float, check_positive_int
-from batchpilot.schedules import BatchLimits, BatchSetting, LrDecay, split_batch
+from batchpilot.measure._noise import NoiseScaleEstimate
+from batchpilot.plan._goodput import Throughput, plan_goodput, statistical_efficiency
+from batchpilot.training._schedules import BatchLimits, BatchSetting, LrDecay, split_batch
 
 OptimizerFamily = Literal["sgd", "adam"]
 
@@ -110,7 +110,7 @@ def recommend_batch(
 ) -> int:
     """The global batch the noise scale recommends now.
 
-    With a throughput curve, the batch of most goodput (:func:`batchpilot.goodput.plan_goodput`)
+    With a throughput curve, the batch of most goodput (:func:`batchpilot.plan._goodput.plan_goodput`)
     among ``base_batch × 2^k`` within the limits; without one, the largest such batch at most the
     noise scale (the critical batch). Never below ``base_batch``; ``base_batch`` while there is no
     estimate.
@@ -183,7 +183,7 @@ class AdaptiveBatch:
             is split into micro-batch × accumulation under them and never exceeds their cap.
         family: ``"sgd"`` (lr × r) or ``"adam"`` (lr × √r).
         throughput: samples per second per device at a micro-batch, as ``(micro_batch,
-            samples_per_second)`` pairs or a curve object (see :mod:`batchpilot.goodput`); without
+            samples_per_second)`` pairs or a curve object (see :mod:`batchpilot.plan._goodput`); without
             it the batch follows the critical batch.
         growth: the factor by which the batch grows at a decision.
         check_every: steps between decisions.

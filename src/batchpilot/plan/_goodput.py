@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 from itertools import pairwise
 from typing import Any, Protocol, runtime_checkable
 
+from batchpilot.checks import check_positive_int
 from batchpilot.errors import BadInputError
-from batchpilot.scaling import check_positive_int
 
 
 @runtime_checkable

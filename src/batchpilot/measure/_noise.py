@@ -35,7 +35,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,15 +43,13 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
+from batchpilot.checks import Reduction, check_positive_float, check_positive_int
 from batchpilot.data import batch_size as samples_in
 from batchpilot.data import to_device
 from batchpilot.errors import BadInputError
-from batchpilot.scaling import check_positive_float, check_positive_int
 from batchpilot.state import preserved_rng
 from batchpilot.task import Task
-from batchpilot.training import micro_batches as micro_batch_source
-
-Reduction = Literal["mean", "sum"]
+from batchpilot.training._loop import micro_batches as micro_batch_source
 
 # Per-step values wait on the device and are read back in groups: one host sync per flush, not
 # one per step (on CUDA a sync stalls the pipeline).

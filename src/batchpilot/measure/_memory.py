@@ -40,10 +40,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.data import default_collate
 
+from batchpilot.checks import check_positive_int
 from batchpilot.data import to_device
 from batchpilot.errors import BadInputError, UserCodeError
 from batchpilot.oom import is_out_of_memory
-from batchpilot.scaling import check_positive_int
 from batchpilot.state import preserved, preserved_rng
 from batchpilot.task import Task
 

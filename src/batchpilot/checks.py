@@ -1,0 +1,68 @@
+"""Argument checks and the vocabulary they check against, in one place.
+
+Every public function validates what enters it here, so that a bad value gives one line naming
+the argument and the value (``BadInputError``, exit code 2 on the command line).
+
+>>> check_positive_int("micro_batch", 32)
+32
+>>> check_reduction("sum")
+'sum'
+>>> check_positive_float("lr", -1.0)
+Traceback (most recent call last):
+...
+batchpilot.errors.BadInputError: lr: expected a positive number, got -1.0
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+from batchpilot.errors import BadInputError
+
+Reduction = Literal["mean", "sum"]
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+
+
+def check_positive_int(name: str, value: int) -> int:
+    """Return ``value`` if it is a positive integer, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise BadInputError(f"{name}: expected a positive integer, got {value!r}")
+    return value
+
+
+def check_positive_float(name: str, value: float) -> float:
+    """Return ``value`` as a float if it is positive and finite, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadInputError(f"{name}: expected a positive number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise BadInputError(f"{name}: expected a positive number, got {value!r}")
+    return float(value)
+
+
+def check_fraction(name: str, value: float, *, closed: bool = False) -> float:
+    """Return ``value`` if it lies in [0, 1) (or [0, 1] with ``closed``), else raise."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+        return float(value)
+    interval = "[0, 1]" if closed else "[0, 1)"
+    raise BadInputError(f"{name}: expected a fraction in {interval}, got {value!r}")
+
+
+def check_reduction(reduction: str) -> Reduction:
+    """The loss reduction, ``"mean"`` or ``"sum"``."""
+    if reduction not in REDUCTIONS:
+        raise BadInputError(
+            f"reduction: unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}"
+        )
+    return reduction  # type: ignore[return-value]
+
+
+__all__ = [
+    "REDUCTIONS",
+    "Reduction",
+    "check_fraction",
+    "check_positive_float",
+    "check_positive_int",
+    "check_reduction",
+]
