@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from batchpilot.plan._recommend import advise, noise_aware_lr, recommend
+from batchpilot.plan._lr_rule import noise_aware_lr
+from batchpilot.plan._recommend import advise, recommend
 
 
 def saturating(b: int) -> float:

@@ -7,15 +7,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from batchpilot.errors import BadInputError
-from batchpilot.plan._scaling import (
-    decompose_batch,
-    plan_scaling,
-    scale_adam,
-    scale_lr,
-    split_from_micro_batch,
-    steps_per_epoch,
-    warmup_steps,
-)
+from batchpilot.plan._lr_rule import scale_adam, scale_lr
+from batchpilot.plan._scaling import plan_scaling, steps_per_epoch, warmup_steps
+from batchpilot.plan._split import split_batch
 
 batches = st.integers(min_value=1, max_value=1 << 16)
 lrs = st.floats(min_value=1e-6, max_value=10.0, allow_nan=False)
@@ -98,7 +92,7 @@ def test_linear_and_sqrt_agree_at_kappa_one(lr: float, batch: int) -> None:
 )
 def test_exact_decomposition_multiplies_back(global_batch: int, max_micro: int, world: int) -> None:
     global_batch *= world
-    split = decompose_batch(global_batch, max_micro_batch=max_micro, world_size=world)
+    split = split_batch(global_batch, max_micro_batch=max_micro, world_size=world)
     assert split.global_batch == global_batch
     assert split.micro_batch <= max_micro
     # fewest accumulation steps: one fewer could not hold the per-device batch
@@ -110,22 +104,23 @@ def test_exact_decomposition_multiplies_back(global_batch: int, max_micro: int, 
 
 @given(global_batch=st.integers(1, 1 << 14), max_micro=st.integers(1, 1024))
 def test_nearest_decomposition_is_close(global_batch: int, max_micro: int) -> None:
-    split = decompose_batch(global_batch, max_micro_batch=max_micro, exact=False)
+    split = split_batch(global_batch, max_micro_batch=max_micro, exact=False)
     assert split.micro_batch <= max_micro
     assert split.accumulation_steps == math.ceil(global_batch / max_micro)
-    assert abs(split.global_batch - global_batch) <= split.accumulation_steps / 2
+    # rounded down: never above the target, short of it by less than one accumulation step
+    assert 0 <= global_batch - split.global_batch < split.accumulation_steps
 
 
 def test_decomposition_errors_name_the_argument() -> None:
     with pytest.raises(BadInputError, match=r"global_batch: 100 is not a multiple of world_size 8"):
-        decompose_batch(100, max_micro_batch=16, world_size=8)
+        split_batch(100, max_micro_batch=16, world_size=8)
     with pytest.raises(
         BadInputError,
         match=r"batch: 100 is not a multiple of micro_batch × world_size = 12 × 2 = 24",
     ):
-        split_from_micro_batch(100, micro_batch=12, world_size=2)
+        split_batch(100, micro_batch=12, world_size=2)
     with pytest.raises(BadInputError, match=r"max_micro_batch: expected a positive integer, got 0"):
-        decompose_batch(100, max_micro_batch=0)
+        split_batch(100, max_micro_batch=0)
 
 
 @pytest.mark.parametrize(

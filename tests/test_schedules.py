@@ -26,7 +26,7 @@ from batchpilot.training._schedules import (
     realise,
     settings_over,
     sgd_noise_scale,
-    split_batch,
+    split_for,
 )
 
 DECAYS = [
@@ -117,10 +117,10 @@ def test_fallback_order_is_micro_batch_then_accumulation_then_lr() -> None:
     assert [s.lr for s in at.values()] == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05, 0.025])
 
 
-def test_split_batch_rounds_down_never_over_the_batch() -> None:
-    assert split_batch(1000, BatchLimits(max_micro_batch=64)) == (62, 16)
-    assert split_batch(256, BatchLimits(max_micro_batch=64, world_size=2)) == (64, 2)
-    assert split_batch(7, BatchLimits()) == (7, 1)
+def test_split_for_rounds_down_never_over_the_batch() -> None:
+    assert split_for(1000, BatchLimits(max_micro_batch=64)) == (62, 16)
+    assert split_for(256, BatchLimits(max_micro_batch=64, world_size=2)) == (64, 2)
+    assert split_for(7, BatchLimits()) == (7, 1)
 
 
 def test_step_decay_equivalent_has_the_expected_batches_and_far_fewer_updates() -> None:

@@ -5,18 +5,9 @@ The public API, re-exported here; see the README and ``docs/`` for each piece.
 
 from batchpilot.errors import BadInputError, BatchpilotError, UserCodeError
 from batchpilot.loading import load_task
-from batchpilot.plan._scaling import (
-    AdamScaling,
-    BatchSplit,
-    ScalePlan,
-    decompose_batch,
-    plan_scaling,
-    scale_adam,
-    scale_lr,
-    split_from_micro_batch,
-    steps_per_epoch,
-    warmup_steps,
-)
+from batchpilot.plan._lr_rule import AdamScaling, scale_adam, scale_lr
+from batchpilot.plan._scaling import ScalePlan, plan_scaling, steps_per_epoch, warmup_steps
+from batchpilot.plan._split import BatchSplit, split_batch
 from batchpilot.state import preserved, preserved_rng
 from batchpilot.summary import TaskSummary, summarize_task
 from batchpilot.task import Task
@@ -36,7 +27,6 @@ __all__ = [
     "TrainResult",
     "UserCodeError",
     "__version__",
-    "decompose_batch",
     "evaluate",
     "load_task",
     "plan_scaling",
@@ -44,7 +34,7 @@ __all__ = [
     "preserved_rng",
     "scale_adam",
     "scale_lr",
-    "split_from_micro_batch",
+    "split_batch",
     "steps_per_epoch",
     "summarize_task",
     "train",

@@ -6,6 +6,7 @@ device(type='cpu')
 
 from __future__ import annotations
 
+import gc
 import re
 
 import torch
@@ -50,3 +51,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def release_memory(device: torch.device, *, full: bool = True) -> None:
+    """Collect garbage and hand cached device blocks back, so the next probe starts clean.
+
+    ``full=False`` collects only the young generations: enough between probes (tensors are freed
+    by reference counting) and far cheaper once torch has loaded its thousands of objects.
+    """
+    gc.collect(2 if full else 1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()

@@ -22,9 +22,9 @@ from batchpilot.measure._lr_range import LRFinderResult, find_lr
 from batchpilot.measure._memory_search import MaxBatchResult, find_max_batch
 from batchpilot.measure._noise import NoiseScaleResult, measure_noise_scale
 from batchpilot.measure._throughput import ThroughputCurve, measure_throughput
-from batchpilot.plan._goodput import plan_goodput
-from batchpilot.plan._recommend import Recommendation, is_adam_family, noise_aware_lr, recommend
-from batchpilot.plan._scaling import scale_adam
+from batchpilot.plan._lr_rule import lr_for_batch
+from batchpilot.plan._recommend import Recommendation, recommend
+from batchpilot.plan._split import split_batch
 from batchpilot.summary import TaskSummary, summarize_task
 from batchpilot.task import Task
 from batchpilot.training._loop import train
@@ -167,30 +167,6 @@ def _optimizer_defaults(task: Task) -> tuple[tuple[float, float], float]:
     group = optimizer.param_groups[0]
     betas = tuple(group.get("betas", (0.9, 0.999)))
     return (float(betas[0]), float(betas[1])), float(group.get("eps", 1e-8))
-
-
-def lr_for_batch(
-    recommendation: Recommendation,
-    batch: int,
-    optimizer_name: str,
-    reduction: str,
-    betas: tuple[float, float],
-    eps: float,
-) -> float:
-    """The lr the recommendation's rule gives at another global batch (for verification runs)."""
-    ref_batch, ref_lr = recommendation.reference_batch, recommendation.reference_lr
-    if is_adam_family(optimizer_name):
-        try:
-            return scale_adam(ref_lr, ref_batch=ref_batch, batch=batch, betas=betas, eps=eps).lr
-        except BadInputError:
-            return ref_lr * math.sqrt(batch / ref_batch)
-    return noise_aware_lr(
-        ref_lr,
-        ref_batch=ref_batch,
-        batch=batch,
-        noise_scale=recommendation.noise_scale,
-        reduction=reduction,
-    )
 
 
 def tune(
@@ -418,16 +394,17 @@ def _verify(
     runs = []
     for done, global_batch in enumerate(ladder):
         # one device stands in for world_size devices: the same global batch by accumulation
-        split = plan_goodput(
-            throughput,
-            noise_scale=math.inf,
-            base_batch=global_batch,
-            batches=[global_batch],
-            max_micro_batch=max_micro,
-        ).recommended
+        split = split_batch(global_batch, max_micro_batch=max_micro, speed=throughput)
         lr = lr_for_batch(
-            recommendation, global_batch, summary.optimizer, task.reduction, betas, eps
-        )
+            recommendation.reference_lr,
+            ref_batch=recommendation.reference_batch,
+            batch=global_batch,
+            optimizer=summary.optimizer,
+            reduction=task.reduction,
+            noise_scale=recommendation.noise_scale,
+            betas=betas,
+            eps=eps,
+        ).lr
         result = train(
             task,
             micro_batch=split.micro_batch,

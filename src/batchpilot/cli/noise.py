@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from batchpilot.checks import check_positive_int
+from batchpilot.cli._text import plain
 from batchpilot.cli.app import (
     DebugOpt,
     DeviceOpt,
@@ -35,7 +36,7 @@ from batchpilot.cli.app import (
     stderr,
 )
 from batchpilot.data import to_device
-from batchpilot.devices import resolve_device, synchronize
+from batchpilot.devices import release_memory, resolve_device, synchronize
 from batchpilot.errors import BadInputError
 from batchpilot.measure._noise import NoiseScaleResult, check_split, measure_noise_scale
 from batchpilot.oom import is_out_of_memory
@@ -274,8 +275,7 @@ def _time_training_steps(
                     on_batch()
         finally:
             del model, optimizer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_memory(device)
     return pairs
 
 
@@ -373,7 +373,7 @@ def _render(
 ) -> None:
     low, high = result.noise_scale_interval
     table = Table(
-        title=f"gradient noise scale of {result.task}: batch {result.batch} "
+        title=f"gradient noise scale of {plain(result.task)}: batch {result.batch} "
         f"({result.micro_batches} × {result.micro_batch}), lr {result.lr:.3g} "
         f"({data['lr_source']}), {result.steps} steps, {result.seconds:.1f} s"
     )
@@ -419,8 +419,8 @@ def _render(
             )
         console.print(goodput)
     for line in data["warnings"]:
-        stderr().print(f"[yellow]warning:[/yellow] {line}")
+        stderr().print(f"[yellow]warning:[/yellow] {plain(line)}")
     for line in data["notes"]:
-        console.print(f"• {line}")
+        console.print(f"• {plain(line)}")
     if "plot" in data:
-        console.print(f"plot: {data['plot']}")
+        console.print(f"plot: {plain(data['plot'])}")

@@ -26,7 +26,6 @@ suggestion over the repeats says how sure the answer is.
 
 from __future__ import annotations
 
-import gc
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +37,7 @@ import torch
 from torch import nn
 
 from batchpilot.checks import check_positive_float, check_positive_int
-from batchpilot.devices import resolve_device
+from batchpilot.devices import release_memory, resolve_device
 from batchpilot.errors import BadInputError
 from batchpilot.measure._lr_suggest import (
     METHODS,
@@ -707,7 +706,7 @@ def _fresh_run(
             return _range_run(task, model, optimizer, ratios, seed=seed, device=device, **options)
         finally:
             del model, optimizer
-            _free(device)
+            release_memory(device)
 
 
 def _run_on(
@@ -734,7 +733,7 @@ def _run_on(
             return _range_run(task, model, opt, ratios, seed=seed, device=device, **options)
         finally:
             del opt
-            _free(device)
+            release_memory(device)
 
 
 def _range_run(
@@ -817,12 +816,6 @@ def _set_group_lr(group: dict[str, Any], lr: float) -> None:
         group["lr"].fill_(lr)
     else:
         group["lr"] = lr
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _notes(

@@ -22,7 +22,6 @@ True
 
 from __future__ import annotations
 
-import gc
 import os
 import re
 import resource
@@ -42,6 +41,7 @@ from torch.utils.data import default_collate
 
 from batchpilot.checks import check_positive_int
 from batchpilot.data import to_device
+from batchpilot.devices import release_memory
 from batchpilot.errors import BadInputError, UserCodeError
 from batchpilot.oom import is_out_of_memory
 from batchpilot.state import preserved, preserved_rng
@@ -115,20 +115,6 @@ def resolve_mode(mode: str, device: torch.device) -> MemoryMode:
     if mode == "cuda" and device.type != "cuda":
         raise BadInputError(f"mode: 'cuda' needs a CUDA device, got device {str(device)!r}")
     return mode
-
-
-def release_memory(device: torch.device, *, full: bool = True) -> None:
-    """Collect garbage and hand cached device blocks back, so the next probe starts clean.
-
-    ``full=False`` collects only the young generations: enough between probes (tensors are freed
-    by reference counting) and far cheaper once torch has loaded its thousands of objects.
-    """
-    gc.collect(2 if full else 1)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-    elif device.type == "mps":
-        torch.mps.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,6 +483,7 @@ class MemoryProbe(AbstractContextManager["MemoryProbe"]):
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps = 0
         self.priming: StepMemory | None = None
+        self.min_micro_batch = 1
         self._sample: Any = None
         self._template: Any = None
         if model is not None and self.mode == "fake":
@@ -534,9 +521,7 @@ class MemoryProbe(AbstractContextManager["MemoryProbe"]):
         # first-call costs (kernel selection, caches) are paid before anything is measured.
         out_of_memory = False
         try:
-            self.priming = (
-                self._measure_cuda(1) if self.mode == "cuda" else self._measure_tracked(1)
-            )
+            self.priming = self._prime()
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -547,6 +532,28 @@ class MemoryProbe(AbstractContextManager["MemoryProbe"]):
                 "step at micro-batch 1 ran out of memory"
             )
         release_memory(self.device, full=False)
+
+    def _prime(self) -> StepMemory:
+        """The first step, at the smallest micro-batch the model accepts.
+
+        Some models cannot train on one sample (BatchNorm after a Linear layer needs two values
+        per channel): when a step at 1 fails and one at 2 runs, 2 is the smallest micro-batch
+        (:attr:`min_micro_batch`) and no probe goes below it.
+        """
+        measure = self._measure_cuda if self.mode == "cuda" else self._measure_tracked
+        try:
+            return measure(1)
+        except UserCodeError as exc:
+            failure = exc
+        if self.task.train_size < 2:
+            raise failure
+        release_memory(self.device, full=True)
+        try:
+            step = measure(2)
+        except UserCodeError:
+            raise failure from None
+        self.min_micro_batch = 2
+        return step
 
     def _enter_fake(self) -> None:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -617,6 +624,11 @@ class MemoryProbe(AbstractContextManager["MemoryProbe"]):
         check_positive_int("micro_batch", micro_batch)
         if self.model is None:
             raise RuntimeError("MemoryProbe.measure: use the probe inside a `with` block")
+        if micro_batch < self.min_micro_batch:
+            raise BadInputError(
+                f"micro_batch: the model cannot train on fewer than {self.min_micro_batch} "
+                f"samples per step (a step at 1 fails), got {micro_batch}"
+            )
         try:
             if self.mode == "cuda":
                 return self._measure_cuda(micro_batch)
@@ -695,7 +707,6 @@ __all__ = [
     "available_memory",
     "largest_sample_index",
     "measure_step_memory",
-    "release_memory",
     "resolve_mode",
     "training_step",
 ]

@@ -33,9 +33,9 @@ import torch
 
 from batchpilot.checks import check_positive_int
 from batchpilot.data import to_device
-from batchpilot.devices import synchronize
+from batchpilot.devices import release_memory, synchronize
 from batchpilot.errors import BadInputError
-from batchpilot.measure._memory import release_memory, training_step
+from batchpilot.measure._memory import training_step
 from batchpilot.oom import is_out_of_memory
 from batchpilot.state import preserved, preserved_rng
 from batchpilot.task import Task

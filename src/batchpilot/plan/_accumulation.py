@@ -5,31 +5,24 @@ A global batch ``B`` runs as ``micro_batch × accumulation_steps × world_size``
 step. The largest micro-batch that fits is not always the fastest (past the throughput knee a
 bigger micro-batch gains nothing, and a batch just under the memory limit can be slower), so the
 plan picks, among the splits that reach ``B``, the micro-batch that trains the most samples per
-second on the measured curve, preferring fewer accumulation steps when speeds are within 2 %.
+second on the measured curve, preferring fewer accumulation steps when speeds are within 2 %
+(the rule is :func:`batchpilot.plan.split_batch`'s, shared by every part of batchpilot).
 
 >>> plan = plan_accumulation(1024, max_micro_batch=48)
 >>> plan.micro_batch, plan.accumulation_steps, plan.global_batch
 (32, 32, 1024)
 >>> plan_accumulation(1000, max_micro_batch=64, exact=False).global_batch
-1008
+992
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from batchpilot.checks import check_positive_int
 from batchpilot.errors import BadInputError
-
-# Speeds this close count as equal: the curve's own timing noise is of this order.
-SPEED_TIE = 0.02
-
-
-class SpeedCurve(Protocol):
-    """Anything that says how many samples per second a micro-batch trains at (one device)."""
-
-    def samples_per_second_at(self, batch: int) -> float: ...
+from batchpilot.plan._split import SupportsThroughput, split_batch
 
 
 @dataclass(frozen=True)
@@ -85,10 +78,9 @@ def plan_accumulation(
     global_batch: int,
     *,
     max_micro_batch: int,
-    curve: SpeedCurve | None = None,
+    curve: SupportsThroughput | None = None,
     world_size: int = 1,
     exact: bool = True,
-    tolerance: float = 0.05,
 ) -> AccumulationPlan:
     """The micro-batch and accumulation steps that reach ``global_batch`` fastest.
 
@@ -99,8 +91,8 @@ def plan_accumulation(
             :class:`~batchpilot.measure._throughput.ThroughputCurve`); without it, the largest micro-batch
             that splits the target is taken.
         world_size: data-parallel devices.
-        exact: only splits whose product is exactly ``global_batch``; otherwise any within
-            ``tolerance`` (relative) of it, the nearest among the fastest.
+        exact: only splits whose product is exactly ``global_batch``; otherwise the fewest
+            accumulation steps with the micro-batch rounded down (never above the target).
 
     >>> plan_accumulation(96, max_micro_batch=64, world_size=2).to_dict()["micro_batch"]
     48
@@ -108,39 +100,30 @@ def plan_accumulation(
     check_positive_int("global_batch", global_batch)
     check_positive_int("max_micro_batch", max_micro_batch)
     check_positive_int("world_size", world_size)
-    if not 0 <= tolerance < 1:
-        raise BadInputError(f"tolerance: expected a fraction in [0, 1), got {tolerance!r}")
     if exact and global_batch % world_size:
         raise BadInputError(
             f"global_batch: {global_batch} is not a multiple of world_size {world_size} "
             f"(nearest: {global_batch // world_size * world_size} or "
             f"{-(-global_batch // world_size) * world_size}); or allow an inexact split"
         )
-    per_device = global_batch / world_size
-    candidates: list[tuple[int, int]] = []  # (micro_batch, accumulation_steps)
-    for micro in range(1, min(max_micro_batch, max(1, round(per_device))) + 1):
-        steps = max(1, round(per_device / micro))
-        deviation = abs(micro * steps * world_size - global_batch) / global_batch
-        if (deviation == 0) if exact else (deviation <= tolerance):
-            candidates.append((micro, steps))
-    if not candidates:  # inexact with a tolerance nothing meets: the nearest split at all
-        micro = min(max_micro_batch, max(1, round(per_device)))
-        candidates = [(micro, max(1, round(per_device / micro)))]
+    split = split_batch(
+        global_batch,
+        max_micro_batch=max_micro_batch,
+        world_size=world_size,
+        exact=exact,
+        speed=curve if exact else None,
+    )
+    micro, steps = split.micro_batch, split.accumulation_steps
+    largest = split_batch(
+        global_batch, max_micro_batch=max_micro_batch, world_size=world_size, exact=exact
+    ).micro_batch
 
     def speed(micro: int) -> float:
-        if curve is None:
-            return float(micro)  # without a curve, bigger micro-batches are taken as faster
-        value = float(curve.samples_per_second_at(micro))
+        value = float(curve.samples_per_second_at(micro)) if curve is not None else float(micro)
         if not value > 0:
             raise BadInputError(f"curve: samples_per_second_at({micro}) gave {value!r}")
         return value
 
-    fastest = max(speed(micro) for micro, _ in candidates)
-    contenders = [(m, s) for m, s in candidates if speed(m) >= (1 - SPEED_TIE) * fastest]
-    micro, steps = min(
-        contenders, key=lambda c: (abs(c[0] * c[1] * world_size - global_batch), c[1])
-    )
-    largest = max(candidates)[0]
     expected = speed(micro) * world_size if curve is not None else None
     largest_speed = speed(largest) * world_size if curve is not None else None
     if curve is None:
@@ -167,4 +150,4 @@ def plan_accumulation(
     )
 
 
-__all__ = ["AccumulationPlan", "SpeedCurve", "plan_accumulation"]
+__all__ = ["AccumulationPlan", "plan_accumulation"]

@@ -30,18 +30,11 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from itertools import pairwise
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from batchpilot.checks import check_positive_int
 from batchpilot.errors import BadInputError
-
-
-@runtime_checkable
-class SupportsThroughput(Protocol):
-    """Anything that says how many samples per second a micro-batch trains at."""
-
-    def samples_per_second_at(self, batch: int) -> float: ...
-
+from batchpilot.plan._split import SupportsThroughput, split_batch
 
 Throughput = SupportsThroughput | Sequence[tuple[int, float]] | Sequence[Sequence[float]]
 
@@ -198,16 +191,6 @@ def _as_curve(throughput: Throughput) -> tuple[SupportsThroughput, list[int]]:
     return curve, list(curve.batches)
 
 
-def _divisors(n: int) -> list[int]:
-    small, large = [], []
-    for d in range(1, math.isqrt(n) + 1):
-        if n % d == 0:
-            small.append(d)
-            if d != n // d:
-                large.append(n // d)
-    return small + large[::-1]
-
-
 def plan_goodput(
     throughput: Throughput,
     *,
@@ -287,20 +270,14 @@ def _best_split(
 ) -> GoodputPoint | None:
     if global_batch % world_size:
         return None
-    per_device = global_batch // world_size
-    best: tuple[float, int] | None = None
-    for micro in _divisors(per_device):
-        if micro > max_micro_batch:
-            break
-        try:
-            speed = float(curve.samples_per_second_at(micro))
-        except (BadInputError, ValueError):
-            continue  # outside what the curve knows
-        if math.isfinite(speed) and speed > 0 and (best is None or speed > best[0]):
-            best = (speed, micro)
-    if best is None:
-        return None
-    speed, micro = best
+    try:
+        split = split_batch(
+            global_batch, max_micro_batch=max_micro_batch, world_size=world_size, speed=curve
+        )
+    except BadInputError:
+        return None  # no dividing micro-batch has a known speed
+    micro = split.micro_batch
+    speed = float(curve.samples_per_second_at(micro))
     samples_per_second = speed * world_size
     efficiency = statistical_efficiency(
         global_batch, noise_scale=noise_scale, base_batch=base_batch
@@ -308,7 +285,7 @@ def _best_split(
     return GoodputPoint(
         global_batch=global_batch,
         micro_batch=micro,
-        accumulation_steps=per_device // micro,
+        accumulation_steps=split.accumulation_steps,
         world_size=world_size,
         samples_per_second=samples_per_second,
         efficiency=efficiency,
@@ -320,7 +297,6 @@ def _best_split(
 __all__ = [
     "GoodputPlan",
     "GoodputPoint",
-    "SupportsThroughput",
     "plan_goodput",
     "samples_to_target_ratio",
     "statistical_efficiency",

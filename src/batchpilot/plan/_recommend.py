@@ -4,16 +4,18 @@ Pure functions over plain numbers, so the rules can be read and tested on their 
 
 - the global batch comes from goodput (throughput × statistical efficiency) when the noise scale is
   known, else the throughput knee, always within what memory and the dataset allow;
-- the learning rate for that batch is the range test's lr at the reference batch, moved by
-  McCandlish et al.'s ε_opt(B) = ε_max / (1 + B_noise/B) for SGD-family optimizers (linear for
-  B ≪ B_noise, saturating beyond), or Malladi et al.'s square-root rule for Adam-family ones;
+- the learning rate for that batch is the range test's lr at the reference batch, moved by the
+  shared rule :func:`batchpilot.plan.lr_for_batch`: McCandlish et al.'s ε_opt(B) = ε_max /
+  (1 + B_noise/B) for SGD-family optimizers, Malladi et al.'s square-root rule for Adam-family
+  ones (falling back to lr·√κ with the betas unchanged beyond the κ the betas allow);
 - warm-up follows Goyal et al. (5 epochs) when the lr grows;
 - warnings follow the seeds and the literature (see :func:`advise`).
 
->>> round(noise_aware_lr(0.1, ref_batch=32, batch=64, noise_scale=1e9), 6)
-0.2
->>> round(noise_aware_lr(0.1, ref_batch=32, batch=64, noise_scale=32), 6)
-0.133333
+>>> rec = recommend(train_size=100000, max_micro_batch=4096, reference_batch=32,
+...     reference_lr=1e-3, optimizer_name="Adam", throughput=[(32, 1e3), (512, 1.6e4),
+...     (4096, 1.28e5)], noise_scale=1e6)
+>>> rec.global_batch, rec.lr_rule, rec.betas
+(4096, 'sqrt', None)
 """
 
 from __future__ import annotations
@@ -22,19 +24,15 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from batchpilot.checks import check_positive_float, check_positive_int
+from batchpilot.checks import check_positive_int, check_reduction
 from batchpilot.plan._goodput import Throughput, plan_goodput
-from batchpilot.plan._scaling import (
-    GOYAL_WARMUP_EPOCHS,
-    BatchSplit,
-    scale_adam,
-    steps_per_epoch,
-    warmup_steps,
-)
+from batchpilot.plan._lr_rule import default_warmup_epochs, lr_for_batch
+from batchpilot.plan._scaling import steps_per_epoch, warmup_steps
+from batchpilot.plan._split import BatchSplit
 
 Bound = Literal["memory", "throughput knee", "noise scale", "dataset size"]
 
-__all__ = ["Advice", "Recommendation", "advise", "is_adam_family", "noise_aware_lr", "recommend"]
+__all__ = ["Advice", "Recommendation", "advise", "recommend"]
 
 # Below this many samples per device, BatchNorm statistics get noisy (Wu & He 2018, GroupNorm).
 BATCHNORM_MIN_PER_DEVICE = 16
@@ -42,38 +40,6 @@ BATCHNORM_MIN_PER_DEVICE = 16
 MIN_STEPS_PER_EPOCH = 10
 # A noise scale measured at an lr this many times off the range test's is not trustworthy.
 LR_MISMATCH_FACTOR = 3.0
-
-
-def is_adam_family(optimizer_name: str) -> bool:
-    """Adam, AdamW, NAdam, RAdam, Adamax, and others that divide by a second moment."""
-    name = optimizer_name.lower()
-    return "adam" in name or name in ("adagrad", "rmsprop", "adafactor", "lamb", "lion")
-
-
-def noise_aware_lr(
-    ref_lr: float,
-    *,
-    ref_batch: int,
-    batch: int,
-    noise_scale: float | None,
-    reduction: str = "mean",
-) -> float:
-    """SGD lr for ``batch`` from one at ``ref_batch``: ε(B) ∝ 1 / (1 + B_noise/B).
-
-    McCandlish et al. (2018, eq. 2.6): linear scaling while B ≪ B_noise, no further gain beyond.
-    Without a noise scale this is the linear rule. A sum-reduced loss already scales the gradient
-    by B, so the mean-equivalent lr (lr · B) is scaled and converted back.
-    """
-    ref_lr = check_positive_float("ref_lr", ref_lr)
-    check_positive_int("ref_batch", ref_batch)
-    check_positive_int("batch", batch)
-    if noise_scale is None or not math.isfinite(noise_scale) or noise_scale <= 0:
-        factor = batch / ref_batch
-    else:
-        factor = (1.0 + noise_scale / ref_batch) / (1.0 + noise_scale / batch)
-    if reduction == "sum":
-        factor *= ref_batch / batch
-    return ref_lr * factor
 
 
 @dataclass(frozen=True)
@@ -195,53 +161,22 @@ def recommend(
     else:
         reasons.append("No noise scale measured: the batch with the highest samples/s was taken.")
 
-    betas_out: tuple[float, float] | None = None
-    eps_out: float | None = None
-    if is_adam_family(optimizer_name):
-        adam = (
-            scale_adam(
-                reference_lr,
-                ref_batch=reference_batch,
-                batch=global_batch,
-                betas=betas,
-                eps=eps,
-                reduction=reduction,  # type: ignore[arg-type]
-            )
-            if global_batch <= reference_batch / (1 - max(betas))
-            else None
-        )
-        if adam is not None:
-            lr, betas_out, eps_out = adam.lr, adam.betas, adam.eps
-            rule = "adam"
-            reasons.append(
-                f"{optimizer_name} is Adam-family: lr × √κ (κ = {global_batch}/{reference_batch}) and "
-                "betas, eps rescaled (Malladi et al. 2022)."
-            )
-        else:
-            lr = reference_lr * math.sqrt(global_batch / reference_batch)
-            rule = "sqrt"
-            reasons.append(
-                "Adam's betas cannot follow so large a κ: lr scaled by √κ, betas left as they are."
-            )
-    else:
-        lr = noise_aware_lr(
-            reference_lr,
-            ref_batch=reference_batch,
-            batch=global_batch,
-            noise_scale=noise_scale,
-            reduction=reduction,
-        )
-        rule = "noise-aware linear" if noise_scale is not None else "linear"
-        reasons.append(
-            f"lr {reference_lr:.3g} worked at batch {reference_batch} (range test); "
-            + (
-                f"ε(B) ∝ 1/(1 + B_noise/B) (McCandlish et al. 2018) gives {lr:.3g} at {global_batch}."
-                if noise_scale is not None
-                else f"the linear rule (Goyal et al. 2017) gives {lr:.3g} at {global_batch}."
-            )
-        )
+    scaled = lr_for_batch(
+        reference_lr,
+        ref_batch=reference_batch,
+        batch=global_batch,
+        optimizer=optimizer_name,
+        reduction=check_reduction(reduction),
+        noise_scale=noise_scale,
+        betas=betas,
+        eps=eps,
+    )
+    lr, rule = scaled.lr, scaled.rule
+    betas_out = scaled.betas if scaled.rule == "adam" else None
+    eps_out = scaled.eps if scaled.rule == "adam" else None
+    reasons.append(f"lr {reference_lr:.3g} worked at batch {reference_batch}; {scaled.reason}")
     steps_epoch = steps_per_epoch(train_size, global_batch)
-    warm_epochs = GOYAL_WARMUP_EPOCHS if lr > reference_lr * 1.01 else 0.0
+    warm_epochs = default_warmup_epochs(lr, reference_lr)
     warm = warmup_steps(warm_epochs, steps_epoch)
     if warm:
         reasons.append(

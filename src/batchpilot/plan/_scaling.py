@@ -1,15 +1,9 @@
-"""The learning-rate / batch-size arithmetic of the seed articles, as pure functions.
+"""The batch-size calculator: a working (batch, lr) carried to a new global batch, explained.
 
-Given a (batch, lr) that worked and a new global batch, these return the new learning rate by a
-named rule, the micro-batch × accumulation × world-size decomposition of a global batch, and the
-epoch / iteration arithmetic. :func:`plan_scaling` puts them together and explains every number.
+:func:`plan_scaling` puts the shared rules together — the lr for a batch
+(:mod:`batchpilot.plan._lr_rule`), the micro-batch × accumulation × world-size split
+(:mod:`batchpilot.plan._split`) — with the epoch / iteration arithmetic, one sentence per number.
 
->>> scale_lr(0.1, ref_batch=256, batch=8192, rule="linear")
-3.2
->>> round(scale_lr(0.1, ref_batch=256, batch=8192, rule="sqrt"), 3)
-0.566
->>> decompose_batch(1024, max_micro_batch=48, world_size=4)
-BatchSplit(micro_batch=32, accumulation_steps=8, world_size=4)
 >>> steps_per_epoch(1000, 10)
 100
 """
@@ -18,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 from batchpilot.checks import (
     Reduction,
@@ -27,12 +21,13 @@ from batchpilot.checks import (
     check_reduction,
 )
 from batchpilot.errors import BadInputError
-
-Rule = Literal["linear", "sqrt", "adam", "none"]
-RULES: tuple[str, ...] = get_args(Rule)
-
-# Goyal et al. 2017 warm up over 5 epochs when they scale the lr linearly.
-GOYAL_WARMUP_EPOCHS = 5.0
+from batchpilot.plan._lr_rule import (
+    Rule,
+    check_rule,
+    default_warmup_epochs,
+    lr_for_batch,
+)
+from batchpilot.plan._split import BatchSplit, split_batch
 
 _RULE_FORMULAS = {
     "linear": "lr = lr_ref · κ (Goyal et al. 2017, arXiv 1706.02677)",
@@ -42,170 +37,6 @@ _RULE_FORMULAS = {
     ),
     "none": "lr = lr_ref (the learning rate is kept as it is)",
 }
-
-
-def check_rule(rule: str) -> Rule:
-    if rule not in RULES:
-        raise BadInputError(f"rule: unknown rule {rule!r}; expected one of {', '.join(RULES)}")
-    return rule  # type: ignore[return-value]
-
-
-def _sgd_factor(rule: Rule, kappa: float, reduction: Reduction) -> float:
-    """Multiplier on the lr for the SGD-type rules.
-
-    A sum-reduced loss already multiplies the gradient by the batch, so the mean-equivalent lr is
-    lr·B: the rule is applied to that and converted back, which leaves lr unchanged under the
-    linear rule and divides it by √κ under the square-root rule.
-    """
-    if rule == "none":
-        return 1.0
-    factor = kappa if rule == "linear" else math.sqrt(kappa)
-    return factor / kappa if reduction == "sum" else factor
-
-
-def scale_lr(
-    ref_lr: float,
-    *,
-    ref_batch: int,
-    batch: int,
-    rule: Rule = "linear",
-    reduction: Reduction = "mean",
-) -> float:
-    """The learning rate for global batch ``batch`` given one, ``ref_lr``, that worked at ``ref_batch``.
-
-    >>> scale_lr(0.1, ref_batch=256, batch=1024, rule="linear", reduction="sum")
-    0.1
-    """
-    ref_lr = check_positive_float("ref_lr", ref_lr)
-    kappa = check_positive_int("batch", batch) / check_positive_int("ref_batch", ref_batch)
-    rule = check_rule(rule)
-    reduction = check_reduction(reduction)
-    if rule == "adam":
-        return ref_lr * math.sqrt(kappa)
-    return ref_lr * _sgd_factor(rule, kappa, reduction)
-
-
-@dataclass(frozen=True)
-class AdamScaling:
-    """Adam-family hyper-parameters rescaled by Malladi et al.'s square-root rule."""
-
-    lr: float
-    betas: tuple[float, float]
-    eps: float
-
-
-def scale_beta(name: str, beta: float, kappa: float) -> float:
-    """β → 1 − κ(1 − β), refusing a result outside (0, 1) with by how much it misses."""
-    if not 0.0 <= beta < 1.0:
-        raise BadInputError(f"{name}: expected a value in [0, 1), got {beta!r}")
-    if kappa == 1.0:
-        return beta
-    scaled = 1.0 - kappa * (1.0 - beta)
-    if scaled <= 0.0:
-        kappa_max = 1.0 / (1.0 - beta)
-        raise BadInputError(
-            f"{name}: the adam rule would push {name}={beta:g} to {scaled:.4g} (≤ 0) at "
-            f"κ={kappa:.4g}, {kappa / kappa_max:.3g}× the κ < 1/(1 − {name}) = {kappa_max:.4g} "
-            "that this rule allows"
-        )
-    if scaled >= 1.0:
-        raise BadInputError(
-            f"{name}: the adam rule would push {name}={beta:g} to {scaled:.6g} (≥ 1) at κ={kappa:.4g}"
-        )
-    return scaled
-
-
-def scale_adam(
-    ref_lr: float,
-    *,
-    ref_batch: int,
-    batch: int,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    reduction: Reduction = "mean",
-) -> AdamScaling:
-    """Malladi et al.'s square-root rule for Adam: lr·√κ, β → 1 − κ(1 − β), eps → eps/√κ.
-
-    Adam divides out the gradient's scale except in ``eps``; a sum-reduced loss makes gradients
-    B times larger, so eps is carried in sum units (× κ) as well.
-
-    >>> s = scale_adam(1e-3, ref_batch=64, batch=256, betas=(0.9, 0.999), eps=1e-8)
-    >>> round(s.lr, 6), round(s.betas[0], 6), round(s.betas[1], 6), s.eps
-    (0.002, 0.6, 0.996, 5e-09)
-    """
-    ref_lr = check_positive_float("ref_lr", ref_lr)
-    kappa = check_positive_int("batch", batch) / check_positive_int("ref_batch", ref_batch)
-    eps = check_positive_float("eps", eps)
-    reduction = check_reduction(reduction)
-    beta1 = scale_beta("beta1", betas[0], kappa)
-    beta2 = scale_beta("beta2", betas[1], kappa)
-    eps_scaled = eps / math.sqrt(kappa) * (kappa if reduction == "sum" else 1.0)
-    return AdamScaling(lr=ref_lr * math.sqrt(kappa), betas=(beta1, beta2), eps=eps_scaled)
-
-
-@dataclass(frozen=True)
-class BatchSplit:
-    """A global batch as micro-batch × accumulation steps × world size."""
-
-    micro_batch: int
-    accumulation_steps: int
-    world_size: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.accumulation_steps * self.world_size
-
-
-def decompose_batch(
-    global_batch: int,
-    *,
-    max_micro_batch: int,
-    world_size: int = 1,
-    exact: bool = True,
-) -> BatchSplit:
-    """Split ``global_batch`` into the largest micro-batch ≤ ``max_micro_batch`` and the fewest
-    accumulation steps, over ``world_size`` devices.
-
-    With ``exact`` the product equals ``global_batch`` (which must then be a multiple of the world
-    size); without it, the nearest achievable global batch is taken.
-
-    >>> decompose_batch(1000, max_micro_batch=64, exact=False)
-    BatchSplit(micro_batch=62, accumulation_steps=16, world_size=1)
-    """
-    check_positive_int("global_batch", global_batch)
-    check_positive_int("max_micro_batch", max_micro_batch)
-    check_positive_int("world_size", world_size)
-    if global_batch % world_size and exact:
-        raise BadInputError(
-            f"global_batch: {global_batch} is not a multiple of world_size {world_size} "
-            f"(nearest: {global_batch // world_size * world_size} or "
-            f"{-(-global_batch // world_size) * world_size})"
-        )
-    per_device = max(1, round(global_batch / world_size))
-    if exact:
-        accumulation = -(-per_device // max_micro_batch)
-        while per_device % accumulation:
-            accumulation += 1
-        return BatchSplit(per_device // accumulation, accumulation, world_size)
-    accumulation = -(-per_device // max_micro_batch)
-    micro = min(max_micro_batch, max(1, round(per_device / accumulation)))
-    return BatchSplit(micro, accumulation, world_size)
-
-
-def split_from_micro_batch(
-    global_batch: int, *, micro_batch: int, world_size: int = 1
-) -> BatchSplit:
-    """The accumulation steps that make ``micro_batch × world_size`` reach ``global_batch`` exactly."""
-    check_positive_int("global_batch", global_batch)
-    check_positive_int("micro_batch", micro_batch)
-    check_positive_int("world_size", world_size)
-    per_step = micro_batch * world_size
-    if global_batch % per_step:
-        raise BadInputError(
-            f"batch: {global_batch} is not a multiple of micro_batch × world_size = "
-            f"{micro_batch} × {world_size} = {per_step}"
-        )
-    return BatchSplit(micro_batch, global_batch // per_step, world_size)
 
 
 def steps_per_epoch(dataset_size: int, global_batch: int, *, drop_last: bool = False) -> int:
@@ -285,8 +116,9 @@ def plan_scaling(
     """Scale a working (batch, lr) to a new setting and explain the arithmetic.
 
     The new global batch is ``batch`` if given, else ``micro_batch × accumulation_steps ×
-    world_size``. ``warmup_epochs`` defaults to Goyal et al.'s 5 epochs when the linear rule raises
-    the lr, and to 0 otherwise.
+    world_size``; the lr comes from :func:`~batchpilot.plan.lr_for_batch` (the rule every part of
+    batchpilot uses). ``warmup_epochs`` defaults to Goyal et al.'s 5 epochs when the lr grows, and
+    to 0 otherwise.
 
     >>> plan = plan_scaling(ref_batch=256, ref_lr=0.1, batch=8192, micro_batch=256,
     ...                     world_size=8, dataset_size=1_281_167, epochs=90)
@@ -309,26 +141,24 @@ def plan_scaling(
     global_batch = split.global_batch
     kappa = global_batch / ref_batch
     lines = [_split_sentence(split, batch)]
-    adam_betas: tuple[float, float] | None = None
-    adam_eps: float | None = None
-    if rule == "adam":
-        adam = scale_adam(
-            ref_lr,
-            ref_batch=ref_batch,
-            batch=global_batch,
-            betas=betas,
-            eps=eps,
-            reduction=reduction,
-        )
-        lr, adam_betas, adam_eps = adam.lr, adam.betas, adam.eps
-    else:
-        lr = scale_lr(
-            ref_lr, ref_batch=ref_batch, batch=global_batch, rule=rule, reduction=reduction
-        )
+    scaled = lr_for_batch(
+        ref_lr,
+        ref_batch=ref_batch,
+        batch=global_batch,
+        rule=rule,
+        reduction=reduction,
+        betas=betas,
+        eps=eps,
+    )
+    lr = scaled.lr
+    adam_betas = scaled.betas if rule == "adam" and not scaled.fell_back else None
+    adam_eps = scaled.eps if adam_betas is not None else None
     lines.append(
         f"κ = global batch / reference batch = {global_batch} / {ref_batch} = {kappa:.4g}."
     )
     lines.append(f"Rule {rule}: {_RULE_FORMULAS[rule]}.")
+    if scaled.fell_back:
+        lines.append(scaled.reason)
     lines.append(_reduction_sentence(rule, reduction, ref_lr, lr, kappa))
     if adam_betas is not None and adam_eps is not None:
         lines.append(
@@ -337,7 +167,7 @@ def plan_scaling(
         )
 
     if warmup_epochs is None:
-        warmup_epochs = GOYAL_WARMUP_EPOCHS if rule == "linear" and lr > ref_lr else 0.0
+        warmup_epochs = default_warmup_epochs(lr, ref_lr)
         if warmup_epochs:
             lines.append(
                 f"Warm-up defaults to Goyal et al.'s {warmup_epochs:g} epochs, lr rising "
@@ -422,7 +252,7 @@ def _resolve_split(
         )
     check_positive_int("batch", batch)
     if micro_batch is not None:
-        split = split_from_micro_batch(batch, micro_batch=micro_batch, world_size=world_size)
+        split = split_batch(batch, micro_batch=micro_batch, world_size=world_size)
         if accumulation_steps is not None and accumulation_steps != split.accumulation_steps:
             raise BadInputError(
                 f"accumulation_steps: {accumulation_steps} does not match batch {batch} = "
@@ -438,10 +268,10 @@ def _resolve_split(
             )
         return BatchSplit(batch // per_step, accumulation_steps, world_size)
     if max_micro_batch is not None:
-        return decompose_batch(
+        return split_batch(
             batch, max_micro_batch=max_micro_batch, world_size=world_size, exact=exact
         )
-    return decompose_batch(batch, max_micro_batch=batch, world_size=world_size, exact=exact)
+    return split_batch(batch, world_size=world_size, exact=exact)
 
 
 def _split_sentence(split: BatchSplit, asked: int | None) -> str:
@@ -471,19 +301,8 @@ def _reduction_sentence(
 
 
 __all__ = [
-    "GOYAL_WARMUP_EPOCHS",
-    "RULES",
-    "AdamScaling",
-    "BatchSplit",
-    "Rule",
     "ScalePlan",
-    "check_rule",
-    "decompose_batch",
     "plan_scaling",
-    "scale_adam",
-    "scale_beta",
-    "scale_lr",
-    "split_from_micro_batch",
     "steps_per_epoch",
     "warmup_steps",
 ]

@@ -20,7 +20,7 @@ from typing import Any, Literal, get_args
 
 from batchpilot.checks import Reduction, check_positive_float, check_positive_int
 from batchpilot.errors import BadInputError
-from batchpilot.plan._scaling import Rule, scale_lr
+from batchpilot.plan._lr_rule import Rule, scale_lr
 from batchpilot.task import Task
 
 LrRule = Literal["linear", "sqrt", "adam", "none", "range-test"]

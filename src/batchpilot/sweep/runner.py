@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.checks import check_positive_int
+from batchpilot.devices import resolve_device
 from batchpilot.errors import BadInputError
 from batchpilot.loading import load_task
-from batchpilot.plan._scaling import BatchSplit, decompose_batch
+from batchpilot.plan._split import BatchSplit, split_batch
 from batchpilot.sweep.analysis import SweepAnalysis, analyze, batch_scores
 from batchpilot.sweep.budgets import TARGET_OBJECTIVES, Budget, check_objective
 from batchpilot.sweep.executors import Executor, make_executor
@@ -115,6 +116,11 @@ def run_sweep(
     chosen = (strategy or Ladder()).bounded(loaded.train_size)
     if max_micro_batch is not None:
         check_positive_int("max_micro_batch", max_micro_batch)
+    if (executor if isinstance(executor, str) else executor.name) != "ray":
+        # Checked before the first trial (else every trial fails on it), and resolved, so that
+        # a sweep timed on a GPU is never resumed on the CPU ("auto" means either). Ray's
+        # workers may see devices this machine lacks.
+        device = str(resolve_device(device))
     config = {
         "task": spec,
         "task_name": loaded.name,
@@ -127,6 +133,7 @@ def run_sweep(
         "metric_mode": loaded.metric_mode,
         "seed": seed,
         "max_micro_batch": max_micro_batch,
+        "device": device,
     }
     name = name or default_name(config)
     runner = (
@@ -278,7 +285,7 @@ def _specs_for(
     max_micro_batch: int | None,
 ) -> list[TrialSpec]:
     split = (
-        decompose_batch(batch, max_micro_batch=max_micro_batch)
+        split_batch(batch, max_micro_batch=max_micro_batch)
         if max_micro_batch is not None and batch > max_micro_batch
         else BatchSplit(batch, 1, 1)
     )
@@ -311,7 +318,7 @@ def _specs_for(
 def _open_existing(path: str | Path) -> TrialStore:
     if str(path) != ":memory:" and not Path(path).is_file():
         raise BadInputError(f"store: no such file {str(path)!r}")
-    return TrialStore(path)
+    return TrialStore(path, read_only=True)
 
 
 def _result(

@@ -15,7 +15,6 @@ batch the task cannot take) become a failed result instead of ending the sweep.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import math
 import os
@@ -29,10 +28,10 @@ from typing import Any, Literal
 
 import torch
 
-from batchpilot.devices import resolve_device
+from batchpilot.devices import release_memory, resolve_device
 from batchpilot.errors import BadInputError, BatchpilotError
 from batchpilot.oom import is_out_of_memory
-from batchpilot.plan._scaling import scale_adam
+from batchpilot.plan._lr_rule import lr_for_batch
 from batchpilot.state import preserved_rng
 from batchpilot.sweep.budgets import first_crossing, interpolate
 from batchpilot.sweep.lrs import LrPlan
@@ -146,7 +145,7 @@ def run_trial(task: Task, spec: TrialSpec) -> TrialResult:
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
-        _free(device)
+        release_memory(device)
         return failed_trial(
             spec,
             f"out of memory at batch {spec.batch}: {exc}",
@@ -156,7 +155,7 @@ def run_trial(task: Task, spec: TrialSpec) -> TrialResult:
     # The trial's model is gone with train's frame; on a GPU, hand its cached blocks back too
     # (on the CPU a full gc pass costs more than a small trial and frees nothing more).
     if device.type == "cuda":
-        _free(device)
+        release_memory(device)
     return _summarize(spec, start, result, stamps, device)
 
 
@@ -224,18 +223,20 @@ def _with_adam_scaling(task: Task, spec: TrialSpec) -> Task:
         built = make(params, lr)
         for group in built.param_groups:
             if "betas" in group and "eps" in group:
-                scaled = scale_adam(
+                scaled = lr_for_batch(
                     group["lr"],
                     ref_batch=ref_batch,
                     batch=batch,
+                    rule="adam",
                     betas=tuple(group["betas"]),
                     eps=group["eps"],
                     reduction=task.reduction,
                 )
-                group["betas"], group["eps"] = scaled.betas, scaled.eps
+                if scaled.betas is not None and scaled.eps is not None:
+                    group["betas"], group["eps"] = scaled.betas, scaled.eps
         return built
 
-    # A κ beyond 1/(1 − β) raises BadInputError inside the factory: the trial fails with it.
+    # Beyond κ = 1/(1 − β1) the shared rule leaves betas and eps as they are (lr·√κ).
     return replace(task, optimizer=optimizer)
 
 
@@ -399,12 +400,6 @@ def failed_trial(
         device=spec.device,
         worker=_worker(),
     )
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _worker() -> str:

@@ -81,14 +81,13 @@ from batchpilot.training._schedules import (
     realise,
     settings_over,
     sgd_noise_scale,
-    split_batch,
+    split_for,
 )
 
 __all__ = [
-    "BASE_LR_KEY",
-    "MIN_BATCHNORM_BATCH",
     "AdaptiveBatch",
     "AdaptivePoint",
+    "BASE_LR_KEY",
     "BatchIncrease",
     "BatchLimits",
     "BatchRuntime",
@@ -100,6 +99,7 @@ __all__ = [
     "ExponentialDecay",
     "LrDecay",
     "LrDecaySchedule",
+    "MIN_BATCHNORM_BATCH",
     "MultiStepDecay",
     "OomEvent",
     "OptimizerFamily",
@@ -142,7 +142,7 @@ __all__ = [
     "resplit",
     "settings_over",
     "sgd_noise_scale",
-    "split_batch",
+    "split_for",
     "split_micro_batches",
     "steps_in_epoch",
     "train",

@@ -43,7 +43,7 @@ from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.errors import BadInputError
 from batchpilot.measure._noise import NoiseScaleEstimate
 from batchpilot.plan._goodput import Throughput, plan_goodput, statistical_efficiency
-from batchpilot.training._schedules import BatchLimits, BatchSetting, LrDecay, split_batch
+from batchpilot.training._schedules import BatchLimits, BatchSetting, LrDecay, split_for
 
 OptimizerFamily = Literal["sgd", "adam"]
 
@@ -235,7 +235,7 @@ class AdaptiveBatch:
                 "decay: evaluating a decay in epochs needs limits.dataset_size (training samples)"
             )
         self.decay = decay
-        micro, accumulation = split_batch(base_batch, self.limits)
+        micro, accumulation = split_for(base_batch, self.limits)
         self.batch = micro * accumulation * self.limits.world_size
         self.steps = 0
         self.progress = 0.0
@@ -270,7 +270,7 @@ class AdaptiveBatch:
     @property
     def setting(self) -> BatchSetting:
         """What the next step trains with."""
-        micro, accumulation = split_batch(self.batch, self.limits)
+        micro, accumulation = split_for(self.batch, self.limits)
         lr = self.lr
         noise_reduction = (
             (self.batch / self.base_batch) * (self.base_lr / lr) if lr > 0 else math.inf
@@ -333,7 +333,7 @@ class AdaptiveBatch:
     def next_batch(self) -> int | None:
         """The batch a growth would move to (``None`` when the limits allow no larger one)."""
         wanted = min(self.batch * self.growth, self.limits.cap)
-        micro, accumulation = split_batch(max(self.batch, math.floor(wanted)), self.limits)
+        micro, accumulation = split_for(max(self.batch, math.floor(wanted)), self.limits)
         candidate = micro * accumulation * self.limits.world_size
         return candidate if candidate > self.batch else None
 

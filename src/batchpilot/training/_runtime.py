@@ -33,7 +33,6 @@ retry together, instead of one rank waiting forever in an all-reduce), and their
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -45,8 +44,10 @@ from torch import nn
 
 from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.data import batch_size as samples_in
+from batchpilot.devices import release_memory
 from batchpilot.errors import BadInputError
 from batchpilot.oom import is_out_of_memory
+from batchpilot.plan._split import split_batch
 from batchpilot.training._schedules import BatchSetting
 
 # The key under which each param group's own lr at the first apply_lr is kept (saved with the
@@ -117,27 +118,30 @@ def resplit(
     setting: BatchSetting, *, max_micro_batch: int | None, world_size: int | None = None
 ) -> BatchSetting:
     """``setting`` with its micro-batch lowered to ``max_micro_batch`` (when above it) and the
-    accumulation steps raised to keep the global batch; batch and lr are unchanged.
+    accumulation steps raised to keep the global batch exactly (by :func:`batchpilot.plan.split_batch`,
+    the largest micro-batch that divides it); batch and lr are unchanged.
 
     >>> from batchpilot.training._schedules import BatchSetting
     >>> resplit(BatchSetting(256, 0.1, 256, 1, 1, 1.0), max_micro_batch=100)
-    BatchSetting(batch=256, lr=0.1, micro_batch=86, accumulation_steps=3, world_size=1, noise_reduction=1.0)
+    BatchSetting(batch=256, lr=0.1, micro_batch=64, accumulation_steps=4, world_size=1, noise_reduction=1.0)
     """
     world = (
         setting.world_size if world_size is None else check_positive_int("world_size", world_size)
     )
     if max_micro_batch is not None:
         check_positive_int("max_micro_batch", max_micro_batch)
-    per_device = max(1, setting.batch // world)
-    micro = min(setting.micro_batch, per_device)
-    if max_micro_batch is not None:
-        micro = min(micro, max_micro_batch)
-    accumulation = -(-per_device // micro)
+    fits = max_micro_batch is None or setting.micro_batch <= max_micro_batch
+    if fits and world == setting.world_size:
+        return setting
+    limit = min(setting.micro_batch, max_micro_batch or setting.micro_batch)
+    split = split_batch(
+        setting.batch, max_micro_batch=limit, world_size=world, exact=setting.batch % world == 0
+    )
     return BatchSetting(
         batch=setting.batch,
         lr=setting.lr,
-        micro_batch=-(-per_device // accumulation),
-        accumulation_steps=accumulation,
+        micro_batch=split.micro_batch,
+        accumulation_steps=split.accumulation_steps,
         world_size=world,
         noise_reduction=setting.noise_reduction,
     )
@@ -389,7 +393,7 @@ class BatchRuntime:
             failed_ranks = tuple(rank for rank, row in enumerate(rows) if row[0])
             if failed_ranks:
                 self.optimizer.zero_grad(set_to_none=True)
-                _free_memory(device)
+                release_memory(device)
                 if on_retry is not None:
                     on_retry()
                 largest_failed = min(row[1] for row in rows if row[0])
@@ -483,14 +487,6 @@ def _broadcast_buffers(model: nn.Module, *, group: Any) -> None:
     source = dist.get_global_rank(group, 0) if group is not None else 0
     for buffer in buffers:
         dist.broadcast(buffer, src=source, group=group)
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif device.type == "mps":
-        torch.mps.empty_cache()
 
 
 __all__ = [

@@ -38,7 +38,8 @@ import torch
 
 from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.errors import BadInputError
-from batchpilot.plan._scaling import scale_lr
+from batchpilot.plan._lr_rule import scale_lr
+from batchpilot.plan._split import split_batch
 
 LrRule = Literal["none", "linear", "sqrt"]
 PlateauMode = Literal["min", "max"]
@@ -295,24 +296,23 @@ class BatchSetting:
         return asdict(self)
 
 
-def split_batch(batch: int, limits: BatchLimits) -> tuple[int, int]:
-    """``(micro_batch, accumulation_steps)`` for a global ``batch`` under ``limits``, rounding the
-    micro-batch down so that the product never exceeds ``batch``.
+def split_for(batch: int, limits: BatchLimits) -> tuple[int, int]:
+    """``(micro_batch, accumulation_steps)`` for a global ``batch`` under ``limits``: the shared
+    rule of :func:`batchpilot.plan.split_batch`, inexact (the product never exceeds ``batch``).
 
-    >>> split_batch(1000, BatchLimits(max_micro_batch=64))
+    >>> split_for(1000, BatchLimits(max_micro_batch=64))
     (62, 16)
-    >>> split_batch(1000, BatchLimits(max_micro_batch=64, multiple=8))
+    >>> split_for(1000, BatchLimits(max_micro_batch=64, multiple=8))
     (56, 16)
     """
-    check_positive_int("batch", batch)
-    world = limits.world_size
-    per_device = max(1, batch // world)
-    limit = limits.max_micro_batch if limits.max_micro_batch is not None else per_device
-    accumulation = -(-per_device // limit)
-    micro = max(1, per_device // accumulation)
-    if limits.multiple > 1 and micro >= limits.multiple:
-        micro -= micro % limits.multiple
-    return micro, accumulation
+    split = split_batch(
+        batch,
+        max_micro_batch=limits.max_micro_batch,
+        world_size=limits.world_size,
+        exact=False,
+        multiple=limits.multiple,
+    )
+    return split.micro_batch, split.accumulation_steps
 
 
 def realise(
@@ -337,7 +337,7 @@ def realise(
     if not noise_reduction >= 1.0:  # also refuses nan
         raise BadInputError(f"noise_reduction: expected a number ≥ 1, got {noise_reduction!r}")
     if by == "lr":
-        micro, accumulation = split_batch(base_batch, limits)
+        micro, accumulation = split_for(base_batch, limits)
         batch = micro * accumulation * limits.world_size
         return BatchSetting(
             batch=batch,
@@ -354,7 +354,7 @@ def realise(
             "limits: the schedule asks for an unbounded batch (its lr decays to 0); give "
             "dataset_size, max_batch or max_micro_batch with max_accumulation"
         )
-    micro, accumulation = split_batch(max(base_batch, math.floor(target + 1e-9)), limits)
+    micro, accumulation = split_for(max(base_batch, math.floor(target + 1e-9)), limits)
     batch = micro * accumulation * limits.world_size
     lr = 0.0 if math.isinf(wanted) else base_lr * batch / wanted
     return BatchSetting(
@@ -579,7 +579,7 @@ class BatchWarmup(BatchSchedule):
         batch = self.start_batch + (self.base_batch - self.start_batch) * progress
         world = self.limits.world_size
         wanted = max(world, int(batch) // world * world)
-        micro, accumulation = split_batch(wanted, self.limits)
+        micro, accumulation = split_for(wanted, self.limits)
         real = micro * accumulation * world
         lr = scale_lr(self.base_lr, ref_batch=self.base_batch, batch=real, rule=self.lr_rule)
         return BatchSetting(real, lr, micro, accumulation, world, noise_reduction=1.0)
@@ -799,5 +799,5 @@ __all__ = [
     "realise",
     "settings_over",
     "sgd_noise_scale",
-    "split_batch",
+    "split_for",
 ]
