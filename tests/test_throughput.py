@@ -74,21 +74,28 @@ def test_measured_curve_on_a_small_task() -> None:
     assert all(p.samples_per_second > 0 for p in curve.points)
     for p in curve.points:
         assert p.samples_per_second == pytest.approx(p.batch / p.seconds_per_step)
-    best = max(curve.points, key=lambda p: p.samples_per_second)
-    assert curve.best_batch == best.batch
-    knee_point = next(p for p in curve.points if p.batch == curve.knee_batch)
-    assert knee_point.samples_per_second >= 0.9 * best.samples_per_second
-    assert all(
-        p.samples_per_second < 0.9 * best.samples_per_second
-        for p in curve.points
-        if p.batch < curve.knee_batch
-    )
+    # decisions read the fitted model, so the knee and the best batch are the fit's
+    fitted = {p.batch: curve.samples_per_second_at(p.batch) for p in curve.points}
+    best = max(fitted.values())
+    assert fitted[curve.best_batch] == best
+    assert fitted[curve.knee_batch] >= 0.9 * best
+    assert all(s < 0.9 * best for b, s in fitted.items() if b < curve.knee_batch)
+    model = curve.model
+    assert model is not None and curve.timings is not None and curve.conditions is not None
+    assert curve.timed_steps == curve.timings.rounds >= 3
+    if model.curvature_seconds_per_sample2 == 0:  # the linear model's speed only rises
+        speeds = [fitted[b] for b in sorted(fitted)]
+        assert speeds == sorted(speeds)
+    for b in fitted:
+        assert 0 <= curve.relative_uncertainty_at(b) < 1
     assert {c.rule: c.rounded_batch for c in curve.rounding} == {"pow2": 64, "8": 96}
     assert curve.stopped_at is None
     assert torch.equal(rng, torch.get_rng_state()) and py_rng == random.getstate()
     data = json.loads(json.dumps(curve.to_dict()))
     assert data["points"][0].keys() >= {"batch", "samples_per_second"}
     assert data["knee_batch"] == curve.knee_batch
+    assert data["model"]["alpha_seconds"] == model.alpha_seconds
+    assert data["conditions"]["threads"] == curve.conditions.threads
 
 
 class _Limited(nn.Module):

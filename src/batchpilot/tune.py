@@ -17,7 +17,8 @@ from typing import Any, Protocol
 import torch
 
 from batchpilot.checks import check_positive_float, check_positive_int
-from batchpilot.errors import BadInputError
+from batchpilot.errors import BadInputError, BatchpilotError
+from batchpilot.measure._hygiene import MeasurementConditions, choose_threads, fixed_threads
 from batchpilot.measure._lr_range import LRFinderResult, find_lr
 from batchpilot.measure._memory_search import MaxBatchResult, find_max_batch
 from batchpilot.measure._noise import NoiseScaleResult, measure_noise_scale
@@ -30,6 +31,22 @@ from batchpilot.task import Task
 from batchpilot.training._loop import train
 
 PHASES = ("memory", "throughput", "lr range test", "noise scale", "recommendation", "verify")
+
+# The whole run's default wall-clock budget: every phase is sized to fit in it.
+DEFAULT_TIME_BUDGET_SECONDS = 60.0
+# Share of the budget for memory and throughput together (the later phases share what is left).
+MEASURE_SHARE = 0.2
+
+
+class TuneIncomplete(BatchpilotError):
+    """A phase failed or could not run: ``partial`` holds every result measured before it, as
+    JSON-ready dicts, so a caller can still write them (the CLI writes ``result.json``)."""
+
+    def __init__(self, phase: str, error: BaseException, partial: dict[str, Any]) -> None:
+        super().__init__(f"{phase}: {error}")
+        self.phase = phase
+        self.error = error
+        self.partial = partial
 
 
 class TuneProgress(Protocol):
@@ -55,7 +72,7 @@ class TuneOptions:
     margin: float = 0.05
     max_batch: int | None = None
     memory_mode: str = "auto"
-    throughput_steps: int = 5
+    throughput_steps: int = 3
     lr_steps: int = 100
     lr_repeats: int = 3
     min_lr: float = 1e-6
@@ -64,7 +81,8 @@ class TuneOptions:
     noise_micro_batches: int = 4
     verify: bool = False
     verify_epochs: float = 5.0
-    time_budget_seconds: float | None = None
+    time_budget_seconds: float | None = DEFAULT_TIME_BUDGET_SECONDS
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("world_size", self.world_size)
@@ -84,6 +102,8 @@ class TuneOptions:
             check_positive_float("lr", self.lr)
         if self.time_budget_seconds is not None:
             check_positive_float("time_budget", self.time_budget_seconds)
+        if self.threads is not None:
+            check_positive_int("threads", self.threads)
 
 
 @dataclass(frozen=True)
@@ -133,6 +153,7 @@ class TuneResult:
     verification: Verification | None
     phase_seconds: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    conditions: MeasurementConditions | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +167,7 @@ class TuneResult:
             "verification": None if self.verification is None else self.verification.to_dict(),
             "phase_seconds": dict(self.phase_seconds),
             "notes": list(self.notes),
+            "conditions": None if self.conditions is None else self.conditions.to_dict(),
         }
 
 
@@ -172,49 +194,113 @@ def _optimizer_defaults(task: Task) -> tuple[tuple[float, float], float]:
 def tune(
     task: Task, options: TuneOptions | None = None, *, progress: TuneProgress | None = None
 ) -> TuneResult:
-    """Run every phase on ``task`` and return the recommendation with each phase's evidence."""
+    """Run every phase on ``task`` and return the recommendation with each phase's evidence.
+
+    Every measurement runs with one intra-op thread count, chosen at the start from the cores
+    that are free (:func:`~batchpilot.measure._hygiene.choose_threads`), and every phase is sized
+    to fit ``options.time_budget_seconds``. If a phase fails, :class:`TuneIncomplete` carries
+    what was measured before it.
+    """
     options = options or TuneOptions()
-    bar: TuneProgress = progress or _Quiet()
     device = torch.device(options.device)
+    conditions = choose_threads(device, threads=options.threads)
+    with fixed_threads(conditions.threads):
+        return _tune(task, options, progress or _Quiet(), device, conditions)
+
+
+def _tune(
+    task: Task,
+    options: TuneOptions,
+    bar: TuneProgress,
+    device: torch.device,
+    conditions: MeasurementConditions,
+) -> TuneResult:
     started = time.perf_counter()
+    budget = options.time_budget_seconds
     seconds: dict[str, float] = {}
     notes: list[str] = []
+    if conditions.busy:
+        notes.append(
+            f"The machine was busy when tune started (1-min load {conditions.load_1min:.1f} on "
+            f"{conditions.cores} cores): measurements used {conditions.threads} thread(s) "
+            f"({conditions.reason}); timings are noisier than on an idle machine."
+        )
+    partial: dict[str, Any] = {"conditions": conditions.to_dict(), "notes": notes}
     summary = summarize_task(task, device=device, seed=options.seed)
+    partial["task"] = summary.to_dict()
 
     def timed(phase: str, run: Callable[[], Any]) -> Any:
         begin = time.perf_counter()
-        value = run()
+        try:
+            value = run()
+        except Exception as exc:
+            seconds[phase] = time.perf_counter() - begin
+            partial["phase_seconds"] = dict(seconds)
+            raise TuneIncomplete(phase, exc, partial) from exc
         seconds[phase] = time.perf_counter() - begin
+        partial["phase_seconds"] = dict(seconds)
+        to_dict = getattr(value, "to_dict", None)
+        if to_dict is not None:
+            partial[phase.replace(" ", "_")] = to_dict()
         return value
 
-    bar.start("memory", 1)
-    memory: MaxBatchResult = timed(
-        "memory",
-        lambda: find_max_batch(
-            task,
-            device=device,
-            budget_bytes=options.budget_bytes,
-            margin=options.margin,
-            max_batch=options.max_batch,
-            mode=options.memory_mode,
-            seed=options.seed,
-        ),
-    )
-    bar.finish("memory", f"max micro-batch {memory.max_micro_batch}")
-    max_micro = memory.max_micro_batch
+    top = min(options.max_batch or task.train_size, task.train_size)
+    measure_budget = None if budget is None else MEASURE_SHARE * budget
+    # a step of seconds is no useful batch on a CPU; with a budget, no step may take 1 % of it
+    max_step = None if budget is None else max(0.25, budget / 100)
 
-    bar.start("throughput", 1)
-    throughput: ThroughputCurve = timed(
-        "throughput",
-        lambda: measure_throughput(
-            task,
-            max_batch=max_micro,
-            device=device,
-            timed_steps=options.throughput_steps,
-            seed=options.seed,
-        ),
-    )
-    bar.finish("throughput", f"knee at micro-batch {throughput.knee_batch}")
+    def memory_phase(max_batch: int | None) -> MaxBatchResult:
+        bar.start("memory", 1)
+        result: MaxBatchResult = timed(
+            "memory",
+            lambda: find_max_batch(
+                task,
+                device=device,
+                budget_bytes=options.budget_bytes,
+                margin=options.margin,
+                max_batch=max_batch,
+                mode=options.memory_mode,
+                seed=options.seed,
+            ),
+        )
+        bar.finish("memory", f"max micro-batch {result.max_micro_batch}")
+        return result
+
+    def throughput_phase(max_batch: int, share: float | None) -> ThroughputCurve:
+        bar.start("throughput", 1)
+        curve: ThroughputCurve = timed(
+            "throughput",
+            lambda: measure_throughput(
+                task,
+                max_batch=max_batch,
+                device=device,
+                timed_steps=options.throughput_steps,
+                seed=options.seed,
+                time_budget_seconds=share,
+                max_step_seconds=max_step if device.type == "cpu" else None,
+                stop_when_flat=device.type == "cpu",
+                conditions=conditions,
+            ),
+        )
+        bar.finish("throughput", f"knee at micro-batch {curve.knee_batch}")
+        return curve
+
+    if device.type == "cpu":
+        # On a CPU, memory is probed only as far as throughput still rises: a batch of seconds
+        # per step, or one past the point where doubling buys nothing, is no batch to train with.
+        throughput = throughput_phase(top, measure_budget)
+        memory = memory_phase(max(p.batch for p in throughput.points))
+    else:
+        memory = memory_phase(options.max_batch)
+        left = None if measure_budget is None else measure_budget - seconds["memory"]
+        throughput = throughput_phase(min(memory.max_micro_batch, top), left and max(left, 1.0))
+    notes.extend(throughput.warnings)
+    max_micro = min(memory.max_micro_batch, throughput.usable_max_batch)
+    if throughput.usable_max_batch < max(p.batch for p in throughput.points):
+        notes.append(
+            f"Micro-batches above {throughput.usable_max_batch} ran slower than the step-time fit "
+            "(the speed saturates there): they are not used."
+        )
 
     reference_batch = options.reference_batch or task.reference_batch or 32
     reference_batch = max(2, min(reference_batch, max_micro, task.train_size // 2))
@@ -244,9 +330,13 @@ def tune(
     )
     good_lr = options.lr or lr_find_result.suggestion or task.reference_lr
     if good_lr is None:
-        raise BadInputError(
-            "lr: the range test found no descent and the task has no reference lr; give --lr "
-            f"({lr_find_result.message})"
+        raise TuneIncomplete(
+            "lr range test",
+            BadInputError(
+                "lr: the range test found no descent and the task has no reference lr; give "
+                f"--lr ({lr_find_result.message})"
+            ),
+            partial,
         )
     if options.lr is None and lr_find_result.suggestion is None:
         notes.append(
@@ -254,10 +344,24 @@ def tune(
             f"{good_lr:g} was used."
         )
     bar.finish("lr range test", f"lr {good_lr:.3g} at batch {reference_batch}")
+    if budget is not None:
+        # re-plan the noise phase from the range test's own seconds per step (the throughput
+        # fit's estimate misses evaluation, data loading and load that came since)
+        per_step = seconds["lr range test"] / max(lr_steps * lr_repeats, 1)
+        left = budget - (time.perf_counter() - started)
+        share = 0.5 if options.verify else 0.8
+        noise_step = per_step * _noise_step_cost(
+            throughput, reference_batch, micro_batches_for(options, reference_batch)
+        )
+        affordable = max(20, int(share * left / max(noise_step, 1e-9)))
+        if affordable < noise_steps:
+            notes.append(
+                f"Noise scale: {affordable} steps instead of {noise_steps}, to stay within the "
+                f"time budget (the range test ran at {per_step * 1e3:.1f} ms per step)."
+            )
+            noise_steps = affordable
 
-    micro_batches = options.noise_micro_batches
-    while micro_batches > 2 and reference_batch % micro_batches:
-        micro_batches -= 1
+    micro_batches = micro_batches_for(options, reference_batch)
     noise: NoiseScaleResult | None = None
     bar.start("noise scale", noise_steps)
     if reference_batch % micro_batches == 0:
@@ -283,22 +387,25 @@ def tune(
 
     bar.start("recommendation", 1)
     betas, eps = _optimizer_defaults(task)
-    recommendation = recommend(
-        train_size=task.train_size,
-        max_micro_batch=max_micro,
-        reference_batch=reference_batch,
-        reference_lr=good_lr,
-        optimizer_name=summary.optimizer,
-        reduction=task.reduction,
-        world_size=options.world_size,
-        noise_scale=noise_scale,
-        throughput=throughput,
-        knee_batch=throughput.knee_batch,
-        betas=betas,
-        eps=eps,
-        has_batchnorm=summary.has_batchnorm,
-        noise_lr=None if noise is None else noise.lr,
-        max_global_batch=options.max_batch * options.world_size if options.max_batch else None,
+    recommendation: Recommendation = timed(
+        "recommendation",
+        lambda: recommend(
+            train_size=task.train_size,
+            max_micro_batch=max_micro,
+            reference_batch=reference_batch,
+            reference_lr=good_lr,
+            optimizer_name=summary.optimizer,
+            reduction=task.reduction,
+            world_size=options.world_size,
+            noise_scale=noise_scale,
+            throughput=throughput,
+            knee_batch=throughput.knee_batch,
+            betas=betas,
+            eps=eps,
+            has_batchnorm=summary.has_batchnorm,
+            noise_lr=None if noise is None else noise.lr,
+            max_global_batch=options.max_batch * options.world_size if options.max_batch else None,
+        ),
     )
     bar.finish("recommendation", f"batch {recommendation.global_batch}, lr {recommendation.lr:.3g}")
 
@@ -320,6 +427,11 @@ def tune(
             ),
         )
     seconds["total"] = time.perf_counter() - started
+    if budget is not None and seconds["total"] > 1.1 * budget:
+        notes.append(
+            f"tune took {seconds['total']:.0f} s against a budget of {budget:g} s: the phases' "
+            "minimum step counts did not fit (a slow step, or a busy machine)."
+        )
     return TuneResult(
         task=summary,
         options=options,
@@ -331,7 +443,27 @@ def tune(
         verification=verification,
         phase_seconds=seconds,
         notes=tuple(notes),
+        conditions=conditions,
     )
+
+
+def micro_batches_for(options: TuneOptions, batch: int) -> int:
+    """The micro-batches the noise scale splits ``batch`` into: the asked number, lowered until
+    it divides the batch (the estimator compares the micro-batch and batch gradients)."""
+    micro_batches = options.noise_micro_batches
+    while micro_batches > 2 and batch % micro_batches:
+        micro_batches -= 1
+    return micro_batches
+
+
+def _noise_step_cost(throughput: ThroughputCurve, batch: int, micro_batches: int) -> float:
+    """A noise-scale step against a plain step at ``batch``: it runs ``micro_batches`` forward
+    and backward passes of ``batch / micro_batches`` samples, so by the step-time model it costs
+    ``micro_batches · T(batch / micro_batches) / T(batch)`` times as much."""
+    micro = max(1, batch // micro_batches)
+    plain = batch / max(throughput.samples_per_second_at(batch), 1e-12)
+    split = micro / max(throughput.samples_per_second_at(micro), 1e-12)
+    return max(1.0, micro_batches * split / plain)
 
 
 def _fit_budget(
@@ -355,7 +487,8 @@ def _fit_budget(
     while repeats > 1 and lr_steps * repeats > lr_budget:
         repeats -= 1
     lr_steps = max(20, min(lr_steps, lr_budget // repeats))
-    noise_steps = max(20, min(noise_steps, int(shares[1] * left / step_seconds)))
+    noise_step = step_seconds * _noise_step_cost(throughput, batch, options.noise_micro_batches)
+    noise_steps = max(20, min(noise_steps, int(shares[1] * left / noise_step)))
     if options.verify:
         # three runs of equal epochs at ×0.5, ×1, ×2 the batch: ~3 × epochs × train_size samples
         affordable = shares[2] * left / (3 * step_seconds * train_size / batch)

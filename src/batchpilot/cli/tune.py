@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -25,9 +26,25 @@ from batchpilot.cli.app import (
     stderr,
 )
 from batchpilot.devices import resolve_device
+from batchpilot.errors import BadInputError
 from batchpilot.measure._memory_search import parse_size
-from batchpilot.report.tune import write_tune_report
-from batchpilot.tune import TuneOptions, TuneResult, tune
+from batchpilot.report.tune import write_partial_report, write_tune_report
+from batchpilot.tune import (
+    DEFAULT_TIME_BUDGET_SECONDS,
+    TuneIncomplete,
+    TuneOptions,
+    TuneResult,
+    tune,
+)
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse an ``--out`` that cannot hold the report before anything is measured."""
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out: {str(out)!r} is a file, not a folder")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"--out: cannot write into {str(parent)!r}")
 
 
 class _Bars:
@@ -118,9 +135,19 @@ def tune_command(
         float, typer.Option("--verify-epochs", help="Epochs of each verification run.")
     ] = 5.0,
     time_budget: Annotated[
-        float | None,
+        float,
         typer.Option(
-            "--time-budget", help="Seconds for the whole run: later phases shrink to fit."
+            "--time-budget",
+            help="Seconds for the whole run: every phase is sized to fit (memory and throughput "
+            "take a fifth, the range test and the noise scale share the rest).",
+        ),
+    ] = DEFAULT_TIME_BUDGET_SECONDS,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help="Intra-op threads for every measurement [default: torch's, lowered to the cores "
+            "other programs leave free].",
         ),
     ] = None,
     out: Annotated[
@@ -131,6 +158,7 @@ def tune_command(
     fmt: FormatOpt = OutputFormat.table,
     debug: DebugOpt = False,
 ) -> None:
+    check_output_folder(out)
     task = get_task(task_spec, example)
     resolved = resolve_device(device)
     options = TuneOptions(
@@ -149,9 +177,15 @@ def tune_command(
         verify=verify,
         verify_epochs=verify_epochs,
         time_budget_seconds=time_budget,
+        threads=threads,
     )
-    with progress() as bar:
-        result = tune(task, options, progress=_Bars(bar))
+    try:
+        with progress() as bar:
+            result = tune(task, options, progress=_Bars(bar))
+    except TuneIncomplete as exc:
+        page = write_partial_report(exc.partial, out, phase=exc.phase, error=exc.error)
+        stderr().print(f"incomplete: what was measured is in {page.parent / 'result.json'}")
+        raise exc.error from None
     report = write_tune_report(result, out)
     stderr().print(f"report: {report}")
     data = result.to_dict()

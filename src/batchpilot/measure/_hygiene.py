@@ -6,7 +6,7 @@ and a small model's step — hundreds of tiny operators — can run 100× slower
 machine. So every measurement of one run uses the same thread count, chosen once at the start:
 the threads torch would use, lowered to the cores that are free at that moment (read from
 ``/proc/stat`` over a short window, not the one-minute load average, which still counts the last
-minute's work). The choice and the load are recorded next to every figure.
+minute's work) less one, left for whatever starts during the run. The choice and the load are recorded next to every figure.
 
 >>> with fixed_threads(1):
 ...     torch.get_num_threads()
@@ -98,12 +98,12 @@ def choose_threads(device: torch.device, *, threads: int | None = None) -> Measu
         chosen, reason = default, "torch's default"
     else:
         free = max(1, math.floor(cores - busy + 0.5))
-        chosen = min(default, free)
+        # one free core is left to everything else, so that load arriving mid-run finds a core
+        # of its own instead of descheduling one of ours
+        chosen = max(1, min(default, free - 1))
         reason = (
-            "torch's default"
-            if chosen == default
-            else f"{busy:.1f} of {cores} cores were busy with other programs: {chosen} thread(s) "
-            f"instead of {default}, so that no thread waits on a descheduled one"
+            f"{busy:.1f} of {cores} cores busy with other programs; {chosen} of torch's {default} "
+            "thread(s), leaving one free core, so that no thread waits on a descheduled one"
         )
     return MeasurementConditions(str(device), chosen, default, cores, busy, load, reason)
 

@@ -36,6 +36,12 @@ from batchpilot.checks import check_positive_int
 from batchpilot.errors import BadInputError
 from batchpilot.plan._split import SupportsThroughput, split_batch
 
+# A batch needing more than 10× the fewest possible steps (B < B_noise / 9) spends nine tenths of
+# its steps on gradient noise: never recommended unless nothing larger is possible.
+MAX_STEPS_RATIO = 10.0
+# Two goodputs closer than two combined standard errors (≈ 95 %) cannot be told apart.
+TIE_SIGMAS = 2.0
+
 Throughput = SupportsThroughput | Sequence[tuple[int, float]] | Sequence[Sequence[float]]
 
 
@@ -102,17 +108,29 @@ class GoodputPoint:
     efficiency: float
     goodput: float
     steps_ratio: float
+    relative_uncertainty: float = 0.0
 
 
 @dataclass(frozen=True)
 class GoodputPlan:
-    """Goodput over candidate global batches and the one that maximises it."""
+    """Goodput over candidate global batches and the one chosen, with the rule that chose it.
+
+    ``tied`` are the batches whose goodput cannot be told apart from the best one's within their
+    uncertainty; ``excluded`` those above the steps-to-target cap; ``rule`` says in words what
+    decided.
+    """
 
     noise_scale: float
     base_batch: int
     world_size: int
     points: tuple[GoodputPoint, ...]
     recommended: GoodputPoint
+    best_goodput_batch: int = 0
+    tied: tuple[int, ...] = ()
+    excluded: tuple[int, ...] = ()
+    max_steps_ratio: float | None = None
+    capped_by_memory: bool = False
+    rule: str = ""
 
     @property
     def recommended_batch(self) -> int:
@@ -126,6 +144,12 @@ class GoodputPlan:
             "recommended_batch": self.recommended_batch,
             "recommended": asdict(self.recommended),
             "points": [asdict(point) for point in self.points],
+            "best_goodput_batch": self.best_goodput_batch,
+            "tied": list(self.tied),
+            "excluded": list(self.excluded),
+            "max_steps_ratio": self.max_steps_ratio,
+            "capped_by_memory": self.capped_by_memory,
+            "rule": self.rule,
         }
 
 
@@ -200,6 +224,8 @@ def plan_goodput(
     max_batch: int | None = None,
     max_micro_batch: int | None = None,
     world_size: int = 1,
+    max_steps_ratio: float | None = MAX_STEPS_RATIO,
+    tie_sigmas: float = TIE_SIGMAS,
 ) -> GoodputPlan:
     """Goodput of candidate global batches and the recommended one.
 
@@ -214,6 +240,16 @@ def plan_goodput(
             largest measured micro-batch × world size.
         max_micro_batch: the largest micro-batch that fits a device; default the largest measured.
         world_size: data-parallel devices; each runs the micro-batch at the measured speed.
+        max_steps_ratio: never choose a batch that needs more than this many times the fewest
+            possible steps to the target, ``S(B)/S_min = 1 + B_noise/B`` (unless no candidate
+            meets it: then the one closest to it, and ``capped_by_memory`` says so).
+        tie_sigmas: goodputs closer than this many combined standard errors are a tie.
+
+    The decision rule: among the candidates under the steps cap, the highest goodput wins;
+    every candidate whose goodput is within ``tie_sigmas`` standard errors of the best (from the
+    throughput fit's uncertainty, :meth:`relative_uncertainty_at`, where the curve has it) ties
+    with it, and a tie goes to the larger batch — fewer predicted steps to the target — never to
+    the accident of timing noise.
 
     Accumulation steps are taken to cost nothing beyond their micro-batches (the optimizer step's
     share is ignored), and devices to scale perfectly.
@@ -255,9 +291,81 @@ def plan_goodput(
             f"batches: none of {batches} can be split into a micro-batch ≤ {max_micro_batch} "
             f"× accumulation × world size {world_size}"
         )
-    # Ties go to the smaller batch: same speed, more updates, less memory.
-    recommended = max(points, key=lambda p: (p.goodput, -p.global_batch))
-    return GoodputPlan(noise_scale, base_batch, world_size, tuple(points), recommended)
+    return _decide(points, noise_scale, base_batch, world_size, max_steps_ratio, tie_sigmas)
+
+
+def _decide(
+    points: list[GoodputPoint],
+    noise_scale: float,
+    base_batch: int,
+    world_size: int,
+    max_steps_ratio: float | None,
+    tie_sigmas: float,
+) -> GoodputPlan:
+    if not math.isfinite(noise_scale):  # no statistical cost: no steps to cap
+        max_steps_ratio = None
+    allowed = [p for p in points if max_steps_ratio is None or p.steps_ratio <= max_steps_ratio]
+    capped = not allowed
+    if capped:  # even the largest batch the limits allow needs too many steps: the closest
+        allowed = [min(points, key=lambda p: p.steps_ratio)]
+    excluded = tuple(p.global_batch for p in points if p not in allowed)
+    best = max(allowed, key=lambda p: (p.goodput, -p.global_batch))
+
+    def sigma(point: GoodputPoint) -> float:
+        return point.goodput * point.relative_uncertainty
+
+    tied = [
+        p
+        for p in allowed
+        if best.goodput - p.goodput <= tie_sigmas * math.hypot(sigma(best), sigma(p))
+    ]
+    # fewer steps to the target decide a tie; with no noise scale every sample counts alike and
+    # steps do not matter, so the tie goes to the smaller batch (more updates, less memory)
+    finite = math.isfinite(noise_scale)
+    chosen = (
+        max(tied, key=lambda p: p.global_batch)
+        if finite
+        else min(tied, key=lambda p: p.global_batch)
+    )
+    if capped:
+        rule = (
+            f"every batch the limits allow needs more than {max_steps_ratio:g}× the fewest steps; "
+            f"batch {chosen.global_batch} comes closest"
+        )
+    elif chosen is best:
+        rule = f"batch {chosen.global_batch} has the highest goodput" + (
+            f" ({len(tied) - 1} others within {tie_sigmas:g} standard errors)"
+            if len(tied) > 1
+            else ""
+        )
+    else:
+        rule = (
+            f"batch {best.global_batch} has the highest goodput, but batches up to "
+            f"{chosen.global_batch} are within {tie_sigmas:g} standard errors of it: the tie goes "
+            f"to the larger batch, {chosen.global_batch}, which needs fewer steps to the target"
+            if finite
+            else f"batch {best.global_batch} has the highest goodput; within {tie_sigmas:g} "
+            f"standard errors of it, the smallest batch, {chosen.global_batch}, is taken (with no "
+            "noise scale, more updates cost nothing)"
+        )
+    if excluded:
+        rule += (
+            f"; batches {', '.join(map(str, excluded))} need more than {max_steps_ratio:g}× the "
+            "fewest steps and were not considered"
+        )
+    return GoodputPlan(
+        noise_scale,
+        base_batch,
+        world_size,
+        tuple(points),
+        chosen,
+        best_goodput_batch=best.global_batch,
+        tied=tuple(p.global_batch for p in tied),
+        excluded=excluded,
+        max_steps_ratio=max_steps_ratio,
+        capped_by_memory=capped,
+        rule=rule + ".",
+    )
 
 
 def _best_split(
@@ -291,10 +399,23 @@ def _best_split(
         efficiency=efficiency,
         goodput=samples_per_second * efficiency,
         steps_ratio=steps_to_target_ratio(global_batch, noise_scale=noise_scale),
+        relative_uncertainty=_uncertainty(curve, micro),
     )
 
 
+def _uncertainty(curve: SupportsThroughput, micro: int) -> float:
+    """The curve's relative standard error at ``micro`` if it states one, else 0 (a plain table
+    of speeds carries no uncertainty: its numbers are compared as given)."""
+    method = getattr(curve, "relative_uncertainty_at", None)
+    if method is None:
+        return 0.0
+    value = float(method(micro))
+    return value if math.isfinite(value) and value >= 0 else 0.0
+
+
 __all__ = [
+    "MAX_STEPS_RATIO",
+    "TIE_SIGMAS",
     "GoodputPlan",
     "GoodputPoint",
     "plan_goodput",

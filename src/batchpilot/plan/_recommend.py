@@ -15,7 +15,9 @@ Pure functions over plain numbers, so the rules can be read and tested on their 
 ...     reference_lr=1e-3, optimizer_name="Adam", throughput=[(32, 1e3), (512, 1.6e4),
 ...     (4096, 1.28e5)], noise_scale=1e6)
 >>> rec.global_batch, rec.lr_rule, rec.betas
-(4096, 'sqrt', None)
+(65536, 'sqrt', None)
+>>> rec.warnings[-1].code  # B_noise = 1e6: the 100000-sample dataset caps the batch
+'steps-cap'
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from batchpilot.checks import check_positive_int, check_reduction
-from batchpilot.plan._goodput import Throughput, plan_goodput
+from batchpilot.plan._goodput import GoodputPlan, Throughput, plan_goodput
 from batchpilot.plan._lr_rule import default_warmup_epochs, lr_for_batch
 from batchpilot.plan._scaling import steps_per_epoch, warmup_steps
 from batchpilot.plan._split import BatchSplit
@@ -75,12 +77,14 @@ class Recommendation:
     bound_by: Bound
     reasons: tuple[str, ...]
     warnings: tuple[Advice, ...]
+    goodput: GoodputPlan | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["betas"] = list(self.betas) if self.betas is not None else None
         data["reasons"] = list(self.reasons)
         data["warnings"] = [w.to_dict() for w in self.warnings]
+        data["goodput"] = None if self.goodput is None else self.goodput.to_dict()
         return data
 
 
@@ -156,7 +160,7 @@ def recommend(
     if noise_scale is not None:
         reasons.append(
             f"Goodput = throughput × statistical efficiency E(B) = (B_noise + B0)/(B_noise + B) with "
-            f"B_noise = {noise_scale:.1f}, B0 = {reference_batch}: highest at global batch {global_batch}."
+            f"B_noise = {noise_scale:.1f}, B0 = {reference_batch} (Pollux, OSDI'21): {plan.rule}"
         )
     else:
         reasons.append("No noise scale measured: the batch with the highest samples/s was taken.")
@@ -175,6 +179,17 @@ def recommend(
     betas_out = scaled.betas if scaled.rule == "adam" else None
     eps_out = scaled.eps if scaled.rule == "adam" else None
     reasons.append(f"lr {reference_lr:.3g} worked at batch {reference_batch}; {scaled.reason}")
+    if plan.capped_by_memory:
+        advice_extra: tuple[Advice, ...] = (
+            Advice(
+                "steps-cap",
+                f"Even global batch {global_batch}, the largest that memory and the dataset allow, "
+                f"needs {chosen.steps_ratio:.1f}× the fewest possible steps to the target "
+                f"(B_noise ≈ {noise_scale:.0f}): a larger batch would train in fewer steps.",
+            ),
+        )
+    else:
+        advice_extra = ()
     steps_epoch = steps_per_epoch(train_size, global_batch)
     warm_epochs = default_warmup_epochs(lr, reference_lr)
     warm = warmup_steps(warm_epochs, steps_epoch)
@@ -215,7 +230,8 @@ def recommend(
         noise_scale=noise_scale,
         bound_by=bound,
         reasons=tuple(reasons),
-        warnings=advice,
+        warnings=advice + advice_extra,
+        goodput=plan,
     )
 
 

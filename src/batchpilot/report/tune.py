@@ -355,3 +355,35 @@ def write_tune_report(result: TuneResult, folder: Path) -> Path:
     page.write_text(render_html(build_tune_document(result)), encoding="utf-8")
     (folder / "result.json").write_text(to_json(result.to_dict(), indent=2))
     return page
+
+
+def write_partial_report(
+    partial: dict[str, object], folder: Path, *, phase: str, error: BaseException
+) -> Path:
+    """When a phase failed: ``result.json`` with everything measured before it, and a short
+    ``report.html`` that says which phase failed and why. Returns the HTML path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"incomplete": True, "failed_phase": phase, "error": str(error), **partial}
+    (folder / "result.json").write_text(to_json(data, indent=2))
+    measured = [key for key in partial if key not in ("notes", "conditions", "task")]
+    listed = partial.get("notes")
+    notes = [str(note) for note in listed] if isinstance(listed, list | tuple) else []
+    document = Document(
+        title="batchpilot tune: incomplete",
+        subtitle=f"the {phase} phase failed; nothing was recommended",
+        sections=[
+            Section(
+                title="What happened",
+                paragraphs=[
+                    f"The {phase} phase failed: {error}",
+                    "Everything measured before it is in result.json next to this page: "
+                    + (", ".join(measured) if measured else "nothing yet")
+                    + ".",
+                ],
+                bullets=notes,
+            )
+        ],
+    )
+    page = folder / "report.html"
+    page.write_text(render_html(document), encoding="utf-8")
+    return page

@@ -1,0 +1,158 @@
+"""Issue-13 guarantees of ``tune``: decisions by a stated rule under uncertainty, a time budget
+that binds every phase, partial results when a phase fails, and a fixed thread count."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import batchpilot.tune as tune_module
+from batchpilot.cli import main
+from batchpilot.errors import BadInputError
+from batchpilot.loading import load_task
+from batchpilot.measure import choose_threads, fixed_threads, measure_throughput
+from batchpilot.plan import plan_goodput
+from batchpilot.task import Task
+from batchpilot.tune import TuneIncomplete, TuneOptions, tune
+
+
+class _Noisy:
+    """A throughput curve that states its uncertainty, as the fitted one does."""
+
+    def __init__(self, speeds: dict[int, float], uncertainty: float) -> None:
+        self.speeds, self.uncertainty = speeds, uncertainty
+        self.points = [(b, s) for b, s in speeds.items()]
+
+    def samples_per_second_at(self, batch: int) -> float:
+        return self.speeds.get(batch, 1.0)  # other divisors: far too slow to matter
+
+    def relative_uncertainty_at(self, batch: int) -> float:
+        return self.uncertainty
+
+
+def test_goodput_ties_go_to_fewer_steps_and_outside_the_noise_the_best_wins() -> None:
+    # at B_noise = 64, B0 = 2: goodput 2 ≈ 1.00 × speed, 256 ≈ 0.26 × speed; speeds make them tie
+    efficiency = (64 + 2) / (64 + 256)  # E(256) relative to B0 = 2
+    speeds = {2: 100.0, 256: 100.0 / efficiency * 0.97}  # 3 % less goodput, 5 % uncertainty
+    noisy = plan_goodput(
+        _Noisy(speeds, 0.05), noise_scale=64.0, base_batch=2, batches=[2, 256], max_steps_ratio=None
+    )
+    assert noisy.best_goodput_batch == 2 and noisy.recommended_batch == 256
+    assert set(noisy.tied) == {2, 256} and "fewer steps" in noisy.rule
+    exact = plan_goodput(
+        _Noisy(speeds, 0.0), noise_scale=64.0, base_batch=2, batches=[2, 256], max_steps_ratio=None
+    )
+    assert exact.recommended_batch == 2 and exact.tied == (2,)
+
+
+def test_the_steps_cap_excludes_batches_that_need_ten_times_the_steps() -> None:
+    speeds = {4: 2000.0, 64: 2100.0, 256: 2200.0}  # batch 4 faster per sample than it deserves
+    plan = plan_goodput(_Noisy(speeds, 0.0), noise_scale=400.0, base_batch=4, batches=[4, 64, 256])
+    # S(4)/S_min = 1 + 400/4 = 101: never chosen although its goodput is the highest
+    assert 4 in plan.excluded and plan.recommended_batch == 64 and not plan.capped_by_memory
+    forced = plan_goodput(_Noisy(speeds, 0.0), noise_scale=1e5, base_batch=4, batches=[4, 64, 256])
+    assert forced.capped_by_memory and forced.recommended_batch == 256
+
+
+def _slow_task(sleep_seconds: float) -> Task:
+    class Slow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            time.sleep(sleep_seconds)
+            return self.linear(x)
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 4, generator=generator)
+    y = (x[:, 0] > 0).long()
+    return Task(
+        model=Slow,
+        train_data=TensorDataset(x, y),
+        loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr),
+        reference_lr=0.1,
+        name="slow",
+    )
+
+
+def test_throughput_respects_its_budget_and_the_step_cap() -> None:
+    task = _slow_task(0.02)
+    started = time.perf_counter()
+    curve = measure_throughput(task, max_batch=512, time_budget_seconds=1.5, max_step_seconds=0.25)
+    # the round under way when the deadline comes is finished (≈ 10 batches × 3 steps of 20 ms)
+    assert time.perf_counter() - started < 1.5 + 1.5
+    assert curve.timings is not None and curve.timings.stopped in (
+        "deadline",
+        "stable",
+        "max_rounds",
+    )
+    assert len(curve.points) >= 2
+
+
+def test_tune_total_stays_within_ten_percent_of_the_budget() -> None:
+    task = _slow_task(0.01)  # every forward ≥ 10 ms whatever the batch
+    budget = 12.0
+    result = tune(task, TuneOptions(time_budget_seconds=budget, lr_steps=100, noise_steps=200))
+    assert result.phase_seconds["total"] <= 1.1 * budget
+    assert result.noise is not None and result.lr_find is not None
+    shrunk = result.noise.steps < 200 or len(result.lr_find.runs) * result.lr_find.steps < 300
+    assert shrunk  # the defaults do not fit 12 s at ≥ 10 ms per forward pass
+    assert result.conditions is not None and result.conditions.threads >= 1
+
+
+def test_a_failing_phase_still_writes_what_was_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise BadInputError("lr: the range test found no descent")
+
+    monkeypatch.setattr(tune_module, "find_lr", broken)
+    with pytest.raises(SystemExit) as info:
+        main(["tune", "--example", "xor4", "--out", str(tmp_path), "--time-budget", "20"])
+    assert info.value.code == 2
+    _, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1].endswith("the range test found no descent")
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert data["incomplete"] and data["failed_phase"] == "lr range test"
+    assert data["memory"]["max_micro_batch"] >= 1 and data["throughput"]["points"]
+    assert "lr range test" in (tmp_path / "report.html").read_text()
+    with pytest.raises(TuneIncomplete) as raised:
+        tune(load_task(example="xor4"), TuneOptions(time_budget_seconds=20))
+    assert raised.value.phase == "lr range test" and "memory" in raised.value.partial
+
+
+def test_out_that_is_a_file_is_refused_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "taken"
+    target.write_text("mine")
+    with pytest.raises(SystemExit) as info:
+        main(["tune", "--example", "xor4", "--out", str(target)])
+    assert info.value.code == 2 and target.read_text() == "mine"
+    assert "--out:" in capsys.readouterr().err
+
+
+def test_threads_are_fixed_during_measurement_and_restored() -> None:
+    before = torch.get_num_threads()
+    conditions = choose_threads(torch.device("cpu"), threads=1)
+    assert conditions.threads == 1 and conditions.reason.startswith("as asked")
+    with fixed_threads(conditions.threads):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    auto = choose_threads(torch.device("cpu"))
+    assert 1 <= auto.threads <= max(1, before)
+    assert math.isnan(auto.load_1min) or auto.load_1min >= 0
+    with pytest.raises(BadInputError, match="threads: expected a positive integer, got 0"):
+        TuneOptions(threads=0)
+    assert replace(TuneOptions(), threads=2).threads == 2
