@@ -187,7 +187,7 @@ class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return {"input_ids": ids, "labels": int(ids[0] % 2)}
 
 
-def hf_train(callback: Any, out: Path, steps: int) -> Any:
+def hf_train(callback: Any, out: Path, steps: int, before: tuple[Any, ...] = ()) -> Any:
     transformers = pytest.importorskip("transformers")
     args = transformers.TrainingArguments(
         output_dir=str(out),
@@ -203,7 +203,7 @@ def hf_train(callback: Any, out: Path, steps: int) -> Any:
         disable_tqdm=True,
     )
     trainer = transformers.Trainer(
-        model=tiny_bert(), args=args, train_dataset=Tokens(), callbacks=[callback]
+        model=tiny_bert(), args=args, train_dataset=Tokens(), callbacks=[*before, callback]
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -223,8 +223,21 @@ def test_huggingface_callback_logs_the_noise_scale_and_applies_the_schedule_lr(
         base_lr=5e-4,
         limits=BatchLimits(dataset_size=64, max_batch=16),  # the Trainer's batch: lr takes it all
     )
+    transformers = pytest.importorskip("transformers")
+
+    class Reporter(transformers.TrainerCallback):  # type: ignore[misc]
+        """Like TensorBoard's and W&B's: it comes first and writes what it is given."""
+
+        def __init__(self) -> None:
+            self.learning_rates: list[float] = []
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                self.learning_rates.append(logs["learning_rate"])
+
+    reporter = Reporter()
     callback = BatchpilotTrainerCallback(schedule=schedule, max_overhead=None)
-    trainer = hf_train(callback, tmp_path, steps=8)
+    trainer = hf_train(callback, tmp_path, steps=8, before=(reporter,))
     logs = [row for row in trainer.state.log_history if "loss" in row]
     assert trainer.state.global_step == 8 and len(logs) == 4
     assert all(math.isfinite(row["noise_scale"]) and row["noise_scale"] > 0 for row in logs)
@@ -232,7 +245,12 @@ def test_huggingface_callback_logs_the_noise_scale_and_applies_the_schedule_lr(
     # Epoch 0 at the base lr; from epoch 1 the schedule's ×2 batch is realised as lr × 0.5.
     assert [row["batchpilot_lr_factor"] for row in logs] == [1.0, 1.0, 0.5, 0.5]
     assert logs[-1]["batchpilot_lr"] == pytest.approx(2.5e-4)
-    assert logs[-1]["learning_rate"] == pytest.approx(5e-4)  # the Trainer's scheduler is intact
+    # The Trainer logs the lr applied, and a reporter ahead of the callback writes that too.
+    assert [row["learning_rate"] for row in logs] == pytest.approx([5e-4, 5e-4, 2.5e-4, 2.5e-4])
+    assert reporter.learning_rates == pytest.approx([5e-4, 5e-4, 2.5e-4, 2.5e-4])
+    # The scheduler itself is intact, and reads as its own once training is over.
+    assert trainer.lr_scheduler.get_last_lr() == pytest.approx([5e-4, 5e-4])
+    assert "get_last_lr" not in vars(trainer.lr_scheduler)
     assert callback.noise is not None and callback.noise.steps == 8
 
 

@@ -156,3 +156,14 @@ def test_threads_are_fixed_during_measurement_and_restored() -> None:
     with pytest.raises(BadInputError, match="threads: expected a positive integer, got 0"):
         TuneOptions(threads=0)
     assert replace(TuneOptions(), threads=2).threads == 2
+
+
+def test_on_a_cpu_the_ladder_stops_where_speed_stops_rising() -> None:
+    task = load_task("benchmarks/tasks/large_regression.py:task")  # 24,000 samples
+    curve = measure_throughput(
+        task, max_batch=task.train_size, stop_when_flat=True, max_step_seconds=0.25, timed_steps=2
+    )
+    top = max(p.batch for p in curve.points)
+    # never a micro-batch near the dataset size: speed flattens (or a step gets slow) long before
+    assert top <= 8192 < task.train_size
+    assert any("not probed" in w or "not timed" in w or "budget" in w for w in curve.warnings)

@@ -18,6 +18,8 @@ and optimizer and the user's own objects are never touched. Every later command 
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -25,10 +27,12 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data._utils.collate import default_collate, default_convert
 
 from batchpilot.checks import Reduction
 from batchpilot.errors import BadInputError, UserCodeError
 from batchpilot.oom import is_out_of_memory
+from batchpilot.state import preserved_rng
 
 MetricMode = Literal["min", "max"]
 
@@ -37,6 +41,13 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
 MetricFn = Callable[[nn.Module, Any], "torch.Tensor | float"]
 CollateFn = Callable[[list[Any]], Any]
+
+DEFAULT_MAX_SAMPLES = 10_000
+"""How many samples :meth:`Task.from_dataloader` takes from an iterable dataset by default."""
+
+
+class IterableDatasetWarning(UserWarning):
+    """An iterable dataset was replaced by the samples taken from it into memory."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,57 @@ class Task:
             raise BadInputError(
                 f"Task.reference_lr: expected a positive number, got {self.reference_lr!r}"
             )
+
+    @classmethod
+    def from_dataloader(
+        cls,
+        model_fn: ModelFactory,
+        loader: DataLoader[Any],
+        loss_fn: LossFn,
+        optimizer_fn: OptimizerFactory,
+        val_loader: DataLoader[Any] | None = None,
+        *,
+        max_samples: int = DEFAULT_MAX_SAMPLES,
+        **fields: Any,
+    ) -> Task:
+        """A task from the loaders you train with: their datasets and collate function.
+
+        batchpilot picks its own batch sizes and order, so the loaders' ``batch_size``, sampler
+        and workers are not used; ``loader.batch_size`` becomes ``reference_batch`` unless given.
+        An iterable dataset (a stream, no ``len()``) is replaced by its first ``max_samples``
+        samples, held in memory, with an :class:`IterableDatasetWarning` saying how many were
+        taken. ``fields`` are the other :class:`Task` fields (``reduction``, ``metric``, ``name``,
+        ...).
+
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> loader = DataLoader(TensorDataset(torch.randn(40, 3), torch.randn(40, 1)), batch_size=8)
+        >>> task = Task.from_dataloader(
+        ...     lambda: torch.nn.Linear(3, 1),
+        ...     loader,
+        ...     lambda model, batch: torch.nn.functional.mse_loss(model(batch[0]), batch[1]),
+        ...     lambda params, lr: torch.optim.SGD(params, lr=lr),
+        ... )
+        >>> task.train_size, task.reference_batch
+        (40, 8)
+        """
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples <= 0:
+            raise BadInputError(f"max_samples: expected a positive integer, got {max_samples!r}")
+        train_data, collate_fn = _from_loader("loader", loader, max_samples)
+        val_data = None
+        if val_loader is not None:
+            val_data, _ = _from_loader("val_loader", val_loader, max_samples)
+        fields.setdefault("collate_fn", collate_fn)
+        if loader.batch_size is not None and "reference_batch" not in fields:
+            fields["reference_batch"] = int(loader.batch_size)
+        return cls(
+            model=model_fn,
+            train_data=train_data,
+            loss=loss_fn,
+            optimizer=optimizer_fn,
+            val_data=val_data,
+            **fields,
+        )
 
     @property
     def train_size(self) -> int:
@@ -203,11 +265,57 @@ class Task:
         )
 
 
+class _InMemory(Dataset[Any]):
+    """Samples taken from an iterable dataset, as a map-style dataset."""
+
+    def __init__(self, samples: list[Any]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.samples[index]
+
+
+def _from_loader(name: str, loader: Any, max_samples: int) -> tuple[Dataset[Any], CollateFn | None]:
+    if not isinstance(loader, DataLoader):
+        raise BadInputError(f"{name}: expected a torch DataLoader, got {type(loader).__name__}")
+    if loader.batch_sampler is None:  # batch_size=None: every item is already a whole batch
+        raise BadInputError(
+            f"{name}: batch_size=None, so its dataset yields whole batches; batchpilot sizes the "
+            "batches itself and needs a dataset of single samples"
+        )
+    collate_fn: CollateFn | None = loader.collate_fn
+    if collate_fn is default_collate or collate_fn is default_convert:
+        collate_fn = None  # batchpilot's own loaders batch with default_collate
+    dataset = loader.dataset
+    if not isinstance(dataset, IterableDataset):
+        return dataset, collate_fn
+    # Iterating may draw from the global RNG (a shuffling stream): leave it as it was.
+    with preserved_rng():
+        try:
+            samples = list(itertools.islice(iter(dataset), max_samples))
+        except Exception as exc:
+            raise UserCodeError.wrap(f"iterating {name}.dataset", exc) from exc
+    if not samples:
+        raise BadInputError(f"{name}: the iterable dataset yielded no samples")
+    whole = len(samples) < max_samples
+    warnings.warn(
+        f"{name}: the iterable dataset was taken into memory: {len(samples)} samples"
+        + (" (the whole stream)" if whole else f" (max_samples={max_samples}; the rest is unused)"),
+        IterableDatasetWarning,
+        stacklevel=3,
+    )
+    return _InMemory(samples), collate_fn
+
+
 def _check_dataset(name: str, dataset: Any) -> None:
     if isinstance(dataset, IterableDataset):
         raise BadInputError(
             f"Task.{name}: iterable datasets are not supported (batchpilot needs len() and "
-            "random access to size batches and epochs); wrap it in a map-style Dataset"
+            "random access to size batches and epochs); wrap it in a map-style Dataset, or build "
+            "the task with Task.from_dataloader, which takes max_samples of it into memory"
         )
     if not hasattr(dataset, "__getitem__") or not isinstance(dataset, Sized):
         raise BadInputError(

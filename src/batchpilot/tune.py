@@ -2,7 +2,7 @@
 
 memory limit → throughput curve → LR range test at a reference batch → noise scale during a short
 training at that lr → goodput → recommendation → (optional) verification runs at ×0.5, ×1 and ×2 of
-the recommended batch, the procedure of seed 003. Each phase's own result is kept, so the report can
+the recommended batch, the practitioners' halve-or-double check. Each phase's own result is kept, so the report can
 show the evidence behind every number.
 """
 
@@ -520,7 +520,7 @@ def _verify(
     epochs: float,
     bar: TuneProgress,
 ) -> Verification:
-    """Seed 003's check: train at ×0.5, ×1 and ×2 the batch for equal epochs, keep the best."""
+    """The halve-or-double check: train at ×0.5, ×1 and ×2 the batch for equal epochs, keep the best."""
     batch = recommendation.global_batch
     ladder = [b for b in (batch // 2, batch, batch * 2) if 1 <= b <= task.train_size]
     bar.start("verify", len(ladder))

@@ -1,4 +1,4 @@
-"""Runnable demonstrations of what the seed articles claim, each measured rather than asserted.
+"""Runnable demonstrations of what practitioners' guides claim, each measured rather than asserted.
 
 Every demo trains small models on CPU in well under a minute (``quick=True``: a few seconds, for
 tests), returns a frozen result with ``to_dict()``, the seed's ``claim``, the numbers it measured,
@@ -87,7 +87,7 @@ DEMOS: dict[str, Demo] = {
 
 
 def list_demos() -> tuple[Demo, ...]:
-    """Every demonstration, in the order the seeds tell them."""
+    """Every demonstration, in the order practitioners' guides tell them."""
     return tuple(DEMOS.values())
 
 

@@ -1,4 +1,4 @@
-"""Seed 000's "decaying the lr ≈ increasing the batch" (Smith et al. 2018, arXiv 1711.00489).
+""" "Decaying the lr ≈ increasing the batch" (Smith et al. 2018, arXiv 1711.00489).
 
 SGD's noise scale is g ≈ lr · N / (B (1 − m)): dividing the lr by k at a milestone or multiplying
 the batch by k there lowers the noise alike, so both schedules should reach the same loss — the
@@ -38,7 +38,7 @@ from batchpilot.task import Task
 from batchpilot.training._loop import accumulate_gradients, evaluate, micro_batches
 
 NAME = "decay-vs-batch"
-SOURCE = "seed 000 (CSDN: batch size and learning rate), after Smith et al. 2018 (arXiv 1711.00489)"
+SOURCE = "a practitioners' guide (CSDN: batch size and learning rate), after Smith et al. 2018 (arXiv 1711.00489)"
 CLAIM = (
     "Decaying the learning rate can be replaced by increasing the batch size: both reach the same "
     "loss, and increasing the batch needs fewer parameter updates."
@@ -88,7 +88,7 @@ class ScheduleRun:
 
 @dataclass(frozen=True)
 class DecayVsBatchResult:
-    """The three schedules on ``digits``, and whether seed 000's claim held."""
+    """The three schedules on ``digits``, and whether the claim held."""
 
     decay: ScheduleRun
     increase: ScheduleRun

@@ -1,4 +1,4 @@
-"""Seed 003's TensorFlow Playground spiral: batch 1 against batch 30 at the same lr, over epochs.
+"""The TensorFlow Playground spiral: batch 1 against batch 30 at the same lr, over epochs.
 
 The seed shows two Playground screenshots: at batch 30 the fit "gets stuck in some shape" after
 300 epochs; at batch 1 it fits within 150 epochs, with a loss curve that wobbles up and down more.
@@ -28,7 +28,7 @@ from batchpilot.loading import load_task
 from batchpilot.training._loop import train
 
 NAME = "playground"
-SOURCE = "seed 003 (Zhihu: how to choose the batch size), the TensorFlow Playground screenshots"
+SOURCE = "a practitioners' guide (Zhihu: how to choose the batch size), the TensorFlow Playground screenshots"
 CLAIM = (
     "On the Playground's spiral, batch 30 gets stuck in one shape after 300 epochs, while batch 1 "
     "fits within 150 epochs; batch 1's loss curve wobbles up and down more."
@@ -71,7 +71,7 @@ class PlaygroundRun:
 
 @dataclass(frozen=True)
 class PlaygroundResult:
-    """Batch 1 against batch 30 on the spiral, and whether seed 003's claim held."""
+    """Batch 1 against batch 30 on the spiral, and whether the claim held."""
 
     small: PlaygroundRun
     large: PlaygroundRun

@@ -1,4 +1,4 @@
-"""Seed 003's sketch: six 1-D points fitted at batch 1, 2, 3 and 6, the batch as a drawing stroke.
+"""The batch as a drawing stroke: six 1-D points fitted at batch 1, 2, 3 and 6, the batch as a drawing stroke.
 
 The seed explains why the batch changes the learned function with six training points (1–6) and two
 test points (a, b): full-batch gradient descent pulls every step toward the same shape through all
@@ -38,7 +38,7 @@ from batchpilot.task import Task
 from batchpilot.training._loop import accumulate_gradients, evaluate, micro_batches
 
 NAME = "sketch"
-SOURCE = "seed 003 (Zhihu: how to choose the batch size), the six-point sketch"
+SOURCE = "a practitioners' guide (Zhihu: how to choose the batch size), the six-point sketch"
 CLAIM = (
     "With six training points, every full-batch step pulls the function toward the same shape "
     "while batches of 1, 2 or 3 pull toward different shapes step after step, so the batch size "
@@ -94,7 +94,7 @@ class SketchRun:
 
 @dataclass(frozen=True)
 class SketchResult:
-    """The four batch sizes on the six points, and whether seed 003's sketch held."""
+    """The four batch sizes on the six points, and whether the sketch held."""
 
     runs: tuple[SketchRun, ...]
     train_x: tuple[float, ...]

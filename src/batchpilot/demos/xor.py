@@ -1,4 +1,4 @@
-"""Seed 003's stairs: full-batch gradient descent on 4-input XOR against mini-batch SGD.
+"""Stairs: full-batch gradient descent on 4-input XOR against mini-batch SGD.
 
 The seed's author fit 4-input XOR (all 16 patterns, a sigmoid network) with full-batch gradient
 descent and watched the loss fall in stairs: long flat stretches broken by sudden drops, 22,000
@@ -33,7 +33,7 @@ from batchpilot.loading import load_task
 from batchpilot.training._loop import TrainResult, train
 
 NAME = "xor"
-SOURCE = "seed 003 (Zhihu: how to choose the batch size), the 4-input XOR homework"
+SOURCE = "a practitioners' guide (Zhihu: how to choose the batch size), the 4-input XOR homework"
 CLAIM = (
     "Full-batch gradient descent on 4-input XOR descends in stairs: the loss sits on plateaus "
     "and needs about 22,000 iterations to fit; stochastic mini-batch gradients escape such "
@@ -97,7 +97,7 @@ class XorRun:
 
 @dataclass(frozen=True)
 class XorResult:
-    """Full batch against mini-batch on 4-input XOR, and whether seed 003's claim held."""
+    """Full batch against mini-batch on 4-input XOR, and whether the claim held."""
 
     full_batch: XorRun
     mini_batch: XorRun

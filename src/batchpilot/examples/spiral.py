@@ -1,4 +1,4 @@
-"""The TensorFlow Playground's two-spiral problem with a small tanh MLP (seed article 003).
+"""The TensorFlow Playground's two-spiral problem with a small tanh MLP.
 
 The Playground draws 500 points on two interleaved spirals (noise 0 by default) and trains on half
 of them; so does this task (250 train, 250 validation), generated from a fixed seed. Coordinates

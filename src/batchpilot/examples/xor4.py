@@ -1,4 +1,4 @@
-"""4-input XOR (parity): all 16 input patterns, a sigmoid MLP and a squared-error loss (seed 003).
+"""4-input XOR (parity): all 16 input patterns, a sigmoid MLP and a squared-error loss.
 
 The seed's author fit this with full-batch gradient descent and watched the loss fall in stairs over
 22,000 iterations. The task is to fit all 16 samples, so validation uses the same 16.

@@ -6,7 +6,12 @@ Each lives in its own module and imports its framework only when that module is 
     from batchpilot.integrations.lightning import BatchpilotCallback        # pip install lightning
     from batchpilot.integrations.huggingface import BatchpilotTrainerCallback  # pip install transformers
 
-The names are also reachable here, imported on first access. Plain ``torchrun`` / DDP loops use
+For a recommendation without writing a ``Task``, each has a one-liner::
+
+    from batchpilot.integrations.lightning import apply, tune    # tune(module, datamodule)
+    from batchpilot.integrations.huggingface import tune         # tune(trainer)
+
+The callbacks are also reachable here, imported on first access. Plain ``torchrun`` / DDP loops use
 :mod:`batchpilot.training._runtime`, :mod:`batchpilot.training._sampler` and :mod:`batchpilot.measure._noise` directly.
 """
 

@@ -1,6 +1,13 @@
-"""A Hugging Face ``TrainerCallback``: the noise scale and the batch it recommends, in your logs.
+"""Hugging Face: ``tune(trainer)`` as ``TrainingArguments`` fields; a callback for noise and lr.
 
-::
+One line for a recommendation (see :mod:`batchpilot.integrations._huggingface_tune`)::
+
+    from batchpilot.integrations.huggingface import tune
+
+    rec = tune(trainer, time_budget_seconds=30)
+    args = dataclasses.replace(trainer.args, **rec.training_arguments())
+
+The callback::
 
     from batchpilot.integrations.huggingface import BatchpilotTrainerCallback
 
@@ -17,8 +24,8 @@ What it does:
   ends, before the Trainer clips; every ``logging_steps`` the Trainer logs, the callback adds
   ``noise_scale``, ``recommended_batch`` (the critical batch, or the batch of most goodput given a
   throughput curve), ``batchpilot_lr_factor`` and ``batchpilot_lr`` (the lr the optimizer step
-  used; the Trainer's ``learning_rate`` is its own, before the factor) to the logged values and to
-  ``trainer.state.log_history``. Under DDP pass ``trainer=`` so the callback can tell the
+  used) to the logged values and to ``trainer.state.log_history``. The Trainer's own
+  ``learning_rate`` is its scheduler's lr times the factor, so every reporter logs the lr applied. Under DDP pass ``trainer=`` so the callback can tell the
   synchronised micro-batch apart; it then estimates from each rank's unsynchronised micro-batches
   (``gradient_accumulation_steps ≥ 3``).
 - **schedules, where the Trainer allows**: the Trainer fixes the batch and the accumulation when
@@ -145,6 +152,7 @@ class BatchpilotTrainerCallback(TrainerCallback):
         self._saved_lrs: list[Any] | None = None
         self._distributed = False
         self._recorded = 0
+        self._scaled_scheduler: Any = None
 
     # ------------------------------------------------------------------ train start
 
@@ -161,6 +169,7 @@ class BatchpilotTrainerCallback(TrainerCallback):
             args.per_device_train_batch_size * args.gradient_accumulation_steps * world
         )
         self._distributed = world > 1
+        self._scale_logged_lr(kwargs.get("lr_scheduler"))
         if not self.track_noise or model is None:
             return
         needed = 3 if self._distributed else 2
@@ -221,6 +230,26 @@ class BatchpilotTrainerCallback(TrainerCallback):
         return isinstance(wrapped, DistributedDataParallel) and bool(
             wrapped.require_backward_grad_sync
         )
+
+    def _scale_logged_lr(self, scheduler: Any) -> None:
+        """Make the scheduler's ``get_last_lr`` — what the Trainer logs as ``learning_rate`` —
+        include the factor, so the value reporters write is the lr applied, not the scheduler's
+        alone. Undone at train end."""
+        self._unscale_logged_lr()
+        if scheduler is None or not callable(getattr(scheduler, "get_last_lr", None)):
+            return
+        own = scheduler.get_last_lr
+
+        def get_last_lr() -> list[float]:
+            return [lr * self.lr_factor for lr in own()]
+
+        scheduler.get_last_lr = get_last_lr
+        self._scaled_scheduler = scheduler
+
+    def _unscale_logged_lr(self) -> None:
+        scheduler, self._scaled_scheduler = self._scaled_scheduler, None
+        if scheduler is not None and "get_last_lr" in vars(scheduler):
+            del scheduler.get_last_lr  # the class's method again
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -314,6 +343,7 @@ class BatchpilotTrainerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._remove_hooks()
+        self._unscale_logged_lr()
         if self.noise is not None:
             self.noise.release()
 
@@ -359,4 +389,11 @@ def _first_batch_size(args: Any, kwargs: Mapping[str, Any]) -> int:
     return samples_in(list(args) + list(kwargs.values()))
 
 
-__all__ = ["BatchpilotTrainerCallback"]
+# The one-liner (imported last: it needs nothing above, and this module's users import it here).
+from batchpilot.integrations._huggingface_tune import (  # noqa: E402
+    TrainerRecommendation,
+    trainer_task,
+    tune,
+)
+
+__all__ = ["BatchpilotTrainerCallback", "TrainerRecommendation", "trainer_task", "tune"]

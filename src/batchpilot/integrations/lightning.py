@@ -1,6 +1,14 @@
-"""A PyTorch Lightning callback: tune before fit, track the noise scale, apply a batch schedule.
+"""PyTorch Lightning: ``tune(module, datamodule)`` and ``apply``; a callback for noise and schedules.
 
-::
+One line for a recommendation, one to apply it (see :mod:`batchpilot.integrations._lightning_tune`)::
+
+    from batchpilot.integrations.lightning import apply, tune
+
+    result = tune(module, datamodule, time_budget_seconds=30)
+    apply(result, trainer, module, datamodule)   # batch_size, accumulate_grad_batches, lr
+    trainer.fit(module, datamodule)
+
+The callback::
 
     from batchpilot.integrations.lightning import BatchpilotCallback
     from batchpilot.training._schedules import BatchLimits, periodic_batch
@@ -386,4 +394,7 @@ def _module_batch(pl_module: pl.LightningModule) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-__all__ = ["BatchpilotCallback"]
+# The one-liner (imported last: it needs nothing above, and this module's users import it here).
+from batchpilot.integrations._lightning_tune import apply, module_task, tune  # noqa: E402
+
+__all__ = ["BatchpilotCallback", "apply", "module_task", "tune"]

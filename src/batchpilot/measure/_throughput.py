@@ -60,6 +60,10 @@ ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 
 # Distinct batches kept on the device and cycled through while timing.
 _BATCHES_KEPT = 3
+# The fastest of at least 3 warm-up steps estimates a batch's speed while climbing the ladder (one
+# step may be preempted by other programs), and only 3 flat doublings in a row end the climb.
+_MIN_WARMUP = 3
+_FLAT_DOUBLINGS = 3
 
 
 def round_batch(batch: int, rule: str) -> int:
@@ -268,7 +272,7 @@ def _warm(
         to_device(b, device) for b in islice(micro_batches(task, batch, seed=seed), _BATCHES_KEPT)
     ]
     times = []
-    for step in range(max(warmup_steps, 1)):
+    for step in range(max(warmup_steps, _MIN_WARMUP)):
         synchronize(device)
         start = time.perf_counter()
         training_step(
@@ -329,8 +333,8 @@ def measure_throughput(
             growing, and the rounds stop, when it would be passed.
         max_step_seconds: a batch whose step takes longer than this is not timed (nor any
             larger one): on a CPU a step of seconds is not a useful training batch.
-        stop_when_flat: stop climbing the ladder once two doublings in a row raised the speed by
-            less than 5 % (on a CPU, memory is then probed only as far as speed still rises).
+        stop_when_flat: stop climbing the ladder once three doublings in a row raised the speed
+            by less than 5 % (on a CPU, memory is then probed only as far as speed still rises).
         knee_fraction: the knee is the smallest batch reaching this fraction of the best speed.
         conditions: the thread count and load of the run (default: chosen now, by
             :func:`~batchpilot.measure._hygiene.choose_threads`); timing runs with those threads.
@@ -415,10 +419,10 @@ def measure_throughput(
                     speed = batch / max(fastest, 1e-12)
                     if stop_when_flat and last_speed:
                         flat_doublings = flat_doublings + 1 if speed < 1.05 * last_speed else 0
-                        if flat_doublings >= 2:
+                        if flat_doublings >= _FLAT_DOUBLINGS:
                             notes.append(
-                                f"Speed rose less than 5 % over two doublings up to micro-batch "
-                                f"{batch}: larger batches were not probed."
+                                f"Speed rose less than 5 % over {_FLAT_DOUBLINGS} doublings up to "
+                                f"micro-batch {batch}: larger batches were not probed."
                             )
                             break
                     last_speed = max(last_speed, speed)

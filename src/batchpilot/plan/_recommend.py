@@ -9,7 +9,7 @@ Pure functions over plain numbers, so the rules can be read and tested on their 
   (1 + B_noise/B) for SGD-family optimizers, Malladi et al.'s square-root rule for Adam-family
   ones (falling back to lr·√κ with the betas unchanged beyond the κ the betas allow);
 - warm-up follows Goyal et al. (5 epochs) when the lr grows;
-- warnings follow the seeds and the literature (see :func:`advise`).
+- warnings follow practitioners' guides and the literature (see :func:`advise`).
 
 >>> rec = recommend(train_size=100000, max_micro_batch=4096, reference_batch=32,
 ...     reference_lr=1e-3, optimizer_name="Adam", throughput=[(32, 1e3), (512, 1.6e4),
@@ -246,7 +246,7 @@ def advise(
     noise_lr: float | None,
     good_lr: float | None,
 ) -> tuple[Advice, ...]:
-    """The warnings the seeds and the literature call for; each fires only on its condition."""
+    """The warnings practitioners' guides and the literature call for; each fires only on its condition."""
     found: list[Advice] = []
     if has_batchnorm and per_device_micro_batch < BATCHNORM_MIN_PER_DEVICE:
         found.append(

@@ -210,7 +210,7 @@ def build_tune_document(result: TuneResult) -> Document:
         verification = result.verification
         sections.append(
             Section(
-                "5. Verification (seed 003: ×0.5 and ×2)",
+                "5. Verification (the halve-or-double check: ×0.5 and ×2)",
                 paragraphs=[
                     f"Each batch trained {verification.epochs:.2g} epochs from the same seed with the lr "
                     f"its rule gives; best validation loss at batch {verification.best_batch}"

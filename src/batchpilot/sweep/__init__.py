@@ -1,4 +1,4 @@
-"""Batch-size sweeps: seed 003's ladder or a grid, equal budgets, a durable trial store, local or Ray.
+"""Batch-size sweeps: the ×0.5 / ×2 ladder or a grid, equal budgets, a durable trial store, local or Ray.
 
 The ground truth every prediction of batchpilot is judged against: train the task at several batch
 sizes (each with its own lr), on the same budget, and compare validation results.

@@ -1,6 +1,6 @@
 """What every trial of a sweep is given (its budget) and what it is judged by (the objectives).
 
-Seed 002's experiment design: the same model and data for every batch size and a fixed budget,
+The controlled experiment design of batch-size studies (Shallue et al. 2019): the same model and data for every batch size and a fixed budget,
 either in epochs (every trial sees the data the same number of times) or in samples; a target
 validation loss (or metric) adds the "how fast does it get there" objectives. Every trial runs to
 its budget, which for a target is the cap, so all curves are complete and comparable; the
@@ -30,7 +30,7 @@ OBJECTIVES: tuple[str, ...] = get_args(Objective)
 TARGET_OBJECTIVES: tuple[str, ...] = ("steps_to_target", "samples_to_target", "seconds_to_target")
 Mode = Literal["min", "max"]
 
-# Ten epochs is where the seed articles' examples have long converged on small tasks.
+# Ten epochs is where practitioners' small examples have long converged on small tasks.
 DEFAULT_MAX_EPOCHS = 10.0
 
 

@@ -1,6 +1,6 @@
-"""Which batch sizes a sweep tries: seed 003's ladder, or a grid.
+"""Which batch sizes a sweep tries: the ×0.5 / ×2 ladder, or a grid.
 
-Seed 003: "start from 128; train at ×0.5 and ×2 and compare the test results; if smaller is
+Practitioners' guides: "start from 128; train at ×0.5 and ×2 and compare the test results; if smaller is
 better, halve again, until the result stops improving." :class:`Ladder` is that rule with its
 knobs named (start, factor, direction rule, stop rule); :class:`Grid` tries a fixed list.
 
@@ -51,11 +51,11 @@ class Strategy(Protocol):
 
 @dataclass(frozen=True)
 class Ladder:
-    """Seed 003's ladder: ``start``, then ``start / factor`` and ``start × factor``; then on in the
+    """The ×0.5 / ×2 ladder: ``start``, then ``start / factor`` and ``start × factor``; then on in the
     better direction while the score improves.
 
     Attributes:
-        start: the first batch (seed 003 starts at 128).
+        start: the first batch (practitioners' guides start at 128).
         factor: the ratio between rungs (2 = the seed's ×0.5 and ×2).
         direction: ``"both"`` tries one rung each way and follows the better one if it beats the
             start; ``"down"`` or ``"up"`` only ever go that way.

@@ -1,0 +1,309 @@
+"""``tune(module, datamodule)``: a recommendation for a LightningModule as it is, and ``apply`` it.
+
+The task is built from the module itself: every measurement trains a deep copy of the module as it
+was when ``tune`` was called (detached from any Trainer), its ``training_step`` is the loss, the
+first optimizer of its ``configure_optimizers`` (param groups and all, its lr overridden) is the
+optimizer, and the data are those of the datamodule's (or module's) ``train_dataloader`` and
+``val_dataloader``. The module itself never runs: it is left bitwise as it was, on failure too.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import fields as dataclass_fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from batchpilot.errors import BadInputError, UserCodeError
+from batchpilot.integrations import missing_extra
+from batchpilot.integrations._copies import owner_of
+from batchpilot.state import preserved
+from batchpilot.task import Task
+from batchpilot.training._runtime import apply_lr
+from batchpilot.tune import TuneOptions, TuneResult
+from batchpilot.tune import tune as tune_task
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+else:
+    try:
+        import lightning.pytorch as pl
+        from lightning.pytorch.callbacks import Callback
+    except ImportError:  # pragma: no cover - lightning.py reports the missing package
+        pl = None
+        Callback = object
+
+_OPTION_NAMES = {f.name for f in dataclass_fields(TuneOptions)}
+# Lightning's own keys for a LightningModule's lr (its lr_find looks for the same two).
+_LR_ATTRIBUTES = ("lr", "learning_rate")
+
+
+def tune(
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule | None = None,
+    *,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    **tune_options: Any,
+) -> TuneResult:
+    """Measure ``module`` and recommend micro-batch, accumulation, lr and warm-up for it.
+
+    Args:
+        module: the LightningModule, with automatic optimization; it is copied, never trained.
+        datamodule: where the loaders come from (else the module's own ``train_dataloader`` /
+            ``val_dataloader``); its ``prepare_data`` and ``setup("fit")`` are called first, as
+            the Trainer would.
+        trainer_kwargs: the arguments you give ``lightning.Trainer``; ``accelerator`` picks the
+            device measured on and ``devices × num_nodes`` the world size, unless ``device`` /
+            ``world_size`` are given as tune options.
+        tune_options: any :class:`~batchpilot.tune.TuneOptions` field (``time_budget_seconds``,
+            ``max_batch``, ``lr``, ...).
+
+    Apply the result with :func:`apply`.
+    """
+    _require_lightning()
+    unknown = sorted(set(tune_options) - _OPTION_NAMES)
+    if unknown:
+        raise BadInputError(
+            f"tune_options: unknown option(s) {', '.join(unknown)}; expected TuneOptions fields"
+        )
+    if not isinstance(module, pl.LightningModule):
+        raise BadInputError(f"module: expected a LightningModule, got {type(module).__name__}")
+    if not module.automatic_optimization:
+        raise BadInputError(
+            "module: automatic_optimization is False; batchpilot needs training_step to return "
+            "the loss (manual optimization steps the optimizer itself)"
+        )
+    options = TuneOptions(**{**_from_trainer_kwargs(trainer_kwargs or {}), **tune_options})
+    with preserved(module):
+        task = module_task(module, datamodule)
+        return tune_task(task, options)
+
+
+def module_task(
+    module: pl.LightningModule, datamodule: pl.LightningDataModule | None = None
+) -> Task:
+    """The :class:`~batchpilot.Task` that :func:`tune` measures for ``module``."""
+    if datamodule is not None:
+        try:
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+        except Exception as exc:
+            raise UserCodeError.wrap("datamodule.setup('fit')", exc) from exc
+    source: Any = datamodule if datamodule is not None else module
+    train_loader = _loader(source, "train_dataloader", required=True)
+    val_loader = _loader(source, "val_dataloader", required=False)
+    # Copies share the datasets (a module often holds its own) instead of duplicating them.
+    shared = {
+        id(loader.dataset): loader.dataset
+        for loader in (train_loader, val_loader)
+        if isinstance(loader, DataLoader)
+    }
+    initial = _detached_copy(module, shared).cpu()
+    built: list[weakref.ref[nn.Module]] = []  # the copies, for the optimizer factory
+
+    def make_model() -> nn.Module:
+        model = copy.deepcopy(initial, dict(shared))
+        built.append(weakref.ref(model))
+        return model
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        with warnings.catch_warnings():
+            # self.log() without a Trainer warns and does nothing, which is right here.
+            warnings.filterwarnings("ignore", message=".*self.log.*")
+            out = model.training_step(batch, 0)  # type: ignore[operator]
+        if isinstance(out, Mapping):
+            out = out.get("loss")
+        if not isinstance(out, torch.Tensor):
+            raise BadInputError(
+                "module.training_step: expected it to return the loss (a Tensor or a dict with "
+                f"'loss'), got {type(out).__name__}"
+            )
+        return out
+
+    template = _first_optimizer(make_model())
+
+    def make_optimizer(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        params = list(params)
+        model = owner_of(built, params)
+        if model is not None:
+            optimizer = _first_optimizer(model)  # the module's own param groups
+            apply_lr(optimizer, lr, base_lr=float(optimizer.param_groups[0]["lr"]))
+            return optimizer
+        # Parameters of another model (batchpilot reads the optimizer's defaults this way).
+        defaults = {**template.defaults, "lr": lr}
+        return type(template)(params, **defaults)
+
+    return Task.from_dataloader(
+        make_model,
+        train_loader,
+        loss,
+        make_optimizer,
+        val_loader,
+        # configure_optimizers' lr is the one the user trains with: the fallback when the range
+        # test finds no descent.
+        reference_lr=float(template.param_groups[0]["lr"]),
+        name=type(module).__name__,
+    )
+
+
+def apply(
+    result: TuneResult,
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule | None = None,
+) -> None:
+    """Set the recommendation on a Trainer before ``trainer.fit(module, datamodule)``.
+
+    - micro-batch: the ``batch_size`` attribute (or hparam) of the datamodule and/or module, which
+      their ``train_dataloader`` must read, as for Lightning's ``scale_batch_size``;
+    - accumulation: ``trainer.accumulate_grad_batches``;
+    - lr: the module's ``lr`` / ``learning_rate`` attribute or hparam if it has one, and a callback
+      added to ``trainer.callbacks`` that sets it in every param group of the first optimizer at
+      fit start (groups keep their ratios), so a hard-coded lr is overridden too.
+
+    The warm-up (``result.recommendation.warmup_steps``) is left to your scheduler.
+    """
+    _require_lightning()
+    from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
+
+    rec = result.recommendation
+    holders = [h for h in (datamodule, module) if h is not None and _has(h, "batch_size")]
+    if not holders:
+        raise BadInputError(
+            "batch_size: neither the datamodule nor the module has a batch_size attribute or "
+            "hparam for its train_dataloader to read; add one (as for Lightning's "
+            "scale_batch_size), or build the loader with batch_size="
+            f"{rec.micro_batch} yourself"
+        )
+    for holder in holders:
+        _set(holder, "batch_size", rec.micro_batch)
+    trainer.accumulate_grad_batches = rec.accumulation_steps
+    for name in _LR_ATTRIBUTES:
+        if lightning_hasattr(module, name):
+            lightning_setattr(module, name, rec.lr)
+    # A second apply replaces the first one's lr.
+    callbacks = [c for c in trainer.callbacks if not isinstance(c, _SetLR)]  # type: ignore[attr-defined]
+    trainer.callbacks = [*callbacks, _SetLR(rec.lr)]  # type: ignore[attr-defined]
+
+
+class _SetLR(Callback):
+    """Sets the first optimizer's lr at fit start, after ``configure_optimizers``."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        self.lr = lr
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0]
+        apply_lr(optimizer, self.lr, base_lr=float(optimizer.param_groups[0]["lr"]))
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _require_lightning() -> None:
+    if pl is None:
+        raise missing_extra("batchpilot.integrations.lightning", "lightning", "lightning")
+
+
+def _detached_copy(module: pl.LightningModule, shared: dict[int, Any]) -> pl.LightningModule:
+    """A deep copy without the Trainer (or Fabric) the module may be attached to, sharing
+    ``shared`` (id → object) instead of copying it."""
+    memo: dict[int, Any] = dict(shared)
+    for attached in (module._trainer, getattr(module, "_fabric", None)):
+        if attached is not None:
+            memo[id(attached)] = None
+    return copy.deepcopy(module, memo)
+
+
+def _first_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    try:
+        config = model.configure_optimizers()  # type: ignore[operator]
+    except Exception as exc:
+        raise UserCodeError.wrap("module.configure_optimizers()", exc) from exc
+    optimizer = _optimizer_in(config)
+    if optimizer is None:
+        raise BadInputError(
+            "module.configure_optimizers(): expected an optimizer (alone, in a list, a tuple of "
+            f"lists or a dict with 'optimizer'), got {type(config).__name__}"
+        )
+    return optimizer
+
+
+def _optimizer_in(config: Any) -> torch.optim.Optimizer | None:
+    """The first optimizer of any of the shapes Lightning accepts from configure_optimizers."""
+    if isinstance(config, torch.optim.Optimizer):
+        return config
+    if isinstance(config, Mapping):
+        return _optimizer_in(config.get("optimizer"))
+    if isinstance(config, Sequence) and not isinstance(config, str) and config:
+        return _optimizer_in(config[0])
+    return None
+
+
+def _loader(source: Any, hook: str, *, required: bool) -> Any:
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    name = f"{type(source).__name__}.{hook}"
+    if not is_overridden(hook, source):
+        if required:
+            raise BadInputError(f"{name}: not defined; give a datamodule or define {hook}")
+        return None
+    try:
+        loader = getattr(source, hook)()
+    except Exception as exc:
+        raise UserCodeError.wrap(f"{name}()", exc) from exc
+    if isinstance(loader, Sequence) and not isinstance(loader, str):
+        if not loader:
+            return None
+        if len(loader) > 1:
+            warnings.warn(f"{name}: several loaders; the first is used", UserWarning, stacklevel=3)
+        loader = loader[0]
+    return loader
+
+
+def _from_trainer_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    accelerator = kwargs.get("accelerator", "auto")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        options["device"] = "cuda"
+    elif accelerator in ("cpu", "auto"):
+        options["device"] = "cpu"
+    else:
+        raise BadInputError(
+            f"trainer_kwargs['accelerator']: batchpilot measures on 'cpu' or 'cuda', got "
+            f"{accelerator!r}; give device= as a tune option"
+        )
+    precision = str(kwargs.get("precision", "32"))
+    if precision not in ("32", "32-true"):
+        raise BadInputError(
+            f"trainer_kwargs['precision']: batchpilot measures in fp32 only for now, got "
+            f"{precision!r}; memory and speed under mixed precision would differ from what it "
+            "measured"
+        )
+    devices = kwargs.get("devices", 1)
+    if isinstance(devices, int) and devices > 0:
+        options["world_size"] = devices * int(kwargs.get("num_nodes", 1))
+    elif isinstance(devices, Sequence) and not isinstance(devices, str):
+        options["world_size"] = len(devices) * int(kwargs.get("num_nodes", 1))
+    return options
+
+
+def _has(holder: Any, name: str) -> bool:
+    hparams = getattr(holder, "hparams", None)
+    return hasattr(holder, name) or (isinstance(hparams, Mapping) and name in hparams)
+
+
+def _set(holder: Any, name: str, value: Any) -> None:
+    if hasattr(holder, name):
+        setattr(holder, name, value)
+    hparams = getattr(holder, "hparams", None)
+    if isinstance(hparams, Mapping) and name in hparams:
+        hparams[name] = value  # type: ignore[index]

@@ -1,0 +1,195 @@
+"""batchpilot.integrations.huggingface.tune: a constructed Trainer tuned as it is, then trained."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from batchpilot.errors import BadInputError, BatchpilotError
+
+transformers = pytest.importorskip("transformers")
+
+from batchpilot.integrations.huggingface import TrainerRecommendation, trainer_task, tune  # noqa: E402
+
+FAST = {"time_budget_seconds": 3.0, "max_batch": 128}
+
+
+class Regressor(torch.nn.Module):
+    """A Trainer-style model: keyword inputs, a dict with the loss; a buffer counting samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+        )
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.training:
+            self.seen += len(x)
+        out = self.net(x)
+        return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+
+class Samples(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Dict samples with a column the model does not take: the Trainer's collator drops it."""
+
+    def __init__(self, n: int) -> None:
+        generator = torch.Generator().manual_seed(n)
+        self.x = torch.randn(n, 4, generator=generator)
+        self.y = self.x @ torch.ones(4, 1) + 0.3 * torch.randn(n, 1, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i], "unused": torch.tensor(i)}
+
+
+def _trainer(out: Path, model: torch.nn.Module | None = None, cls: Any = None, **args: Any) -> Any:
+    arguments = transformers.TrainingArguments(
+        output_dir=str(out),
+        **{
+            "per_device_train_batch_size": 8,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 1e-3,
+            "weight_decay": 0.01,
+            "adam_beta1": 0.8,
+            "adam_beta2": 0.95,
+            "report_to": [],
+            "use_cpu": True,
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            **args,
+        },
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return (cls or transformers.Trainer)(
+            model=model or Regressor(),
+            args=arguments,
+            train_dataset=Samples(320),
+            eval_dataset=Samples(64),
+        )
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_task_has_the_trainers_optimizer_groups_collator_and_loss(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path)
+    task = trainer_task(trainer)
+    assert (task.train_size, task.val_size) == (320, 64)
+    assert (task.reference_batch, task.reference_lr) == (16, 1e-3)
+    model = task.make_model()
+    assert model is not trainer.model and _same(_state(model), _state(trainer.model))
+    optimizer = task.make_optimizer(model.parameters(), 0.02)
+    assert type(optimizer) is torch.optim.AdamW
+    decayed, plain = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decayed["params"]) == ["net.0.weight", "net.3.weight"]
+    assert (decayed["weight_decay"], plain["weight_decay"]) == (0.01, 0.0)
+    assert decayed["lr"] == plain["lr"] == 0.02 and decayed["betas"] == (0.8, 0.95)
+    batch = next(iter(task.loader(5, shuffle=False)))
+    assert sorted(batch) == ["labels", "x"]  # "unused" removed, as the Trainer's loader does
+    model.eval()
+    expected = model(**batch)["loss"]
+    assert task.compute_loss(model, batch).item() == pytest.approx(expected.item())
+
+
+def test_tune_leaves_the_trainer_as_found_and_its_fields_train_as_given(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path)
+    before, args_before = _state(trainer.model), trainer.args.to_dict()
+    rec = tune(trainer, **FAST)
+    assert isinstance(rec, TrainerRecommendation)
+    assert _same(_state(trainer.model), before) and trainer.model.seen.item() == 0
+    assert trainer.args.to_dict() == args_before
+    assert trainer.optimizer is None and trainer.state.global_step == 0
+    assert not trainer.state.log_history and trainer._signature_columns is None
+    result = rec.result.recommendation
+    expected: dict[str, Any] = {
+        "per_device_train_batch_size": result.micro_batch,
+        "gradient_accumulation_steps": result.accumulation_steps,
+        "learning_rate": result.lr,
+        "warmup_steps": result.warmup_steps,
+    }
+    if result.betas is not None:  # the plan rescaled Adam's betas for the new batch
+        expected.update(adam_beta1=result.betas[0], adam_beta2=result.betas[1])
+        expected["adam_epsilon"] = result.eps
+    assert rec.training_arguments() == expected
+    assert rec.result.options.device == "cpu" and rec.result.options.world_size == 1
+
+    class Record(transformers.TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.betas: tuple[float, float] | None = None
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.betas = kw["optimizer"].param_groups[0]["betas"]
+
+    seen: list[int] = []
+    model = Regressor()
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(len(kw["x"])), with_kwargs=True)
+    args = dataclasses.replace(trainer.args, **rec.training_arguments(), max_steps=2)
+    record = Record()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tuned = transformers.Trainer(
+            model=model, args=args, train_dataset=Samples(320), callbacks=[record]
+        )
+        tuned.train()
+    # Two optimizer steps of `accumulation` micro-batches each, all of the recommended size.
+    assert seen == [result.micro_batch] * (2 * result.accumulation_steps)
+    assert record.betas == pytest.approx(result.betas or (0.8, 0.95))
+
+
+def test_a_failing_compute_loss_leaves_the_trainers_model_as_it_was(tmp_path: Path) -> None:
+    class Failing(transformers.Trainer):  # type: ignore[misc]
+        calls = 0
+
+        def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            type(self).calls += 1
+            if type(self).calls > 30:
+                raise RuntimeError("tokenizer server gone")
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    trainer = _trainer(tmp_path, cls=Failing)
+    with torch.no_grad():
+        trainer.model.net[0].bias.fill_(0.5)
+    before = _state(trainer.model)
+    # tune may wrap the error in the phase it failed in: any batchpilot error naming it.
+    with pytest.raises(BatchpilotError, match="tokenizer server gone"):
+        tune(trainer, **FAST)
+    assert Failing.calls > 30
+    assert _same(_state(trainer.model), before)
+
+
+def test_the_hugging_face_adapter_does_not_import_lightning() -> None:
+    code = "import sys, batchpilot.integrations.huggingface\nprint('lightning' in sys.modules)\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_bad_arguments_are_named(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="expected a transformers Trainer, got Module"):
+        tune(torch.nn.Module())
+    with pytest.raises(BadInputError, match="unknown option"):
+        tune(_trainer(tmp_path), budget=3)
+    trainer = _trainer(tmp_path)
+    trainer.args.bf16 = True  # set after construction: a CPU Trainer would refuse it at init
+    with pytest.raises(
+        BadInputError, match=r"trainer\.args\.bf16: batchpilot measures in fp32 only"
+    ):
+        tune(trainer)

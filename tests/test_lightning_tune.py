@@ -1,0 +1,207 @@
+"""batchpilot.integrations.lightning.tune / apply: a LightningModule tuned as it is, then fitted."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from batchpilot.errors import BadInputError, BatchpilotError
+from batchpilot.state import capture_rng
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from batchpilot.integrations.lightning import apply, module_task, tune  # noqa: E402
+
+FAST = {"time_budget_seconds": 3.0, "max_batch": 256, "seed": 0}
+
+
+def _data(n: int = 384) -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=generator)
+    return TensorDataset(x, x @ torch.ones(4, 1) + 0.5 * torch.randn(n, 1, generator=generator))
+
+
+class Regression(pl.LightningModule):  # type: ignore[misc]
+    """Two param groups (the head at 0.1× the lr), a buffer counting the samples it trained on,
+    dropout (the RNG), a batch_size and an lr hparam."""
+
+    def __init__(self, batch_size: int = 16, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Dropout(0.1)
+        )
+        self.register_buffer("seen", torch.zeros(()))
+        self.head = torch.nn.Linear(16, 1)
+        self.data = _data()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.seen += len(batch[0])
+        loss = torch.nn.functional.mse_loss(self.head(self.body(batch[0])), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(
+            [
+                {"params": self.body.parameters()},
+                {"params": self.head.parameters(), "lr": self.hparams.lr * 0.1},
+            ],
+            lr=self.hparams.lr,
+            momentum=0.9,
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 5),
+        }
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(self.data, batch_size=self.hparams.batch_size, shuffle=True)
+
+
+def _trainer(**kwargs: Any) -> Any:
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_task_is_the_module_its_param_groups_and_its_loader() -> None:
+    module = Regression()
+    task = module_task(module)
+    assert task.train_size == 384 and task.reference_batch == 16 and task.val_data is None
+    model = task.make_model()
+    assert model is not module and model._trainer is None
+    # The copies share the dataset the module holds rather than duplicate it.
+    assert task.train_data is module.data and model.data is module.data
+    assert _same(_state(model), _state(module))
+    optimizer = task.make_optimizer(model.parameters(), 0.3)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.3, 0.03])
+    assert optimizer.param_groups[1]["momentum"] == 0.9
+    model.eval()  # no dropout: the same loss twice
+    batch = next(iter(task.loader(8, shuffle=False)))
+    expected = torch.nn.functional.mse_loss(model.head(model.body(batch[0])), batch[1])
+    assert task.compute_loss(model, batch).item() == pytest.approx(expected.item())
+
+
+def test_tune_leaves_the_module_bitwise_and_apply_sets_batch_accumulation_and_lr() -> None:
+    module = Regression()
+    before, rng = _state(module), capture_rng()
+    result = tune(module, trainer_kwargs={"accelerator": "cpu"}, **FAST)
+    rec = result.recommendation
+    assert _same(_state(module), before) and module.training
+    assert module.seen.item() == 0  # only copies trained
+    assert torch.equal(torch.get_rng_state(), rng.torch_cpu)
+    assert module.hparams.batch_size == 16  # nothing applied yet
+    assert rec.micro_batch * rec.accumulation_steps == rec.global_batch
+    assert 1 <= rec.micro_batch <= 256 and rec.lr > 0
+    assert result.options.device == "cpu" and result.options.time_budget_seconds == 3.0
+
+    trainer = _trainer(max_epochs=1)
+    apply(result, trainer, module)
+    trainer.fit(module)
+    assert module.hparams.batch_size == rec.micro_batch
+    assert trainer.train_dataloader.batch_size == rec.micro_batch
+    assert trainer.accumulate_grad_batches == rec.accumulation_steps
+    batches = -(-384 // rec.micro_batch)
+    assert trainer.global_step == -(-batches // rec.accumulation_steps)
+    lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
+    assert lrs == pytest.approx([rec.lr, 0.1 * rec.lr])
+
+
+def test_apply_sets_the_numbers_it_is_given_on_a_fitted_run() -> None:
+    # Hand-set numbers: 384 samples in micro-batches of 8 = 48 batches, 3 per step = 16 steps.
+    fake = SimpleNamespace(
+        recommendation=SimpleNamespace(micro_batch=8, accumulation_steps=3, lr=0.02)
+    )
+    module = Regression(lr=0.5)
+    trainer = _trainer(max_epochs=1)
+    apply(fake, trainer, module)  # type: ignore[arg-type]
+    trainer.fit(module)
+    assert trainer.global_step == 16
+    assert module.hparams.lr == 0.02
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx([0.02, 0.002])
+    # A module already attached to a Trainer is copied without it, and left as it was.
+    before = _state(module)
+    task = module_task(module)
+    assert task.make_model()._trainer is None and module._trainer is trainer
+    assert _same(_state(module), before)
+
+
+class _Boom(Regression):
+    calls = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        type(self).calls += 1
+        if type(self).calls > 40:  # in the middle of the measurements
+            raise RuntimeError("disk full")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_failure_in_the_users_code_leaves_the_module_as_it_was() -> None:
+    module = _Boom()
+    module.seen.fill_(7.0)
+    before = _state(module)
+    # tune may wrap the error in the phase it failed in: any batchpilot error naming it.
+    with pytest.raises(BatchpilotError, match="disk full"):
+        tune(module, **FAST, device="cpu")
+    assert _Boom.calls > 40
+    assert _same(_state(module), before)
+
+
+def test_a_datamodule_gives_the_loaders_and_unsupported_settings_are_refused() -> None:
+    class Data(pl.LightningDataModule):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.batch_size = 32
+            self.stage: str | None = None
+
+        def setup(self, stage: str) -> None:
+            self.stage = stage
+            self.train, self.val = _data(300), _data(60)
+
+        def train_dataloader(self) -> DataLoader[Any]:
+            return DataLoader(self.train, batch_size=self.batch_size)
+
+        def val_dataloader(self) -> DataLoader[Any]:
+            return DataLoader(self.val, batch_size=self.batch_size)
+
+    data = Data()
+    task = module_task(Regression(), data)
+    assert data.stage == "fit" and (task.train_size, task.val_size, task.reference_batch) == (
+        300,
+        60,
+        32,
+    )
+    fake = SimpleNamespace(
+        recommendation=SimpleNamespace(micro_batch=24, accumulation_steps=2, lr=0.01)
+    )
+    module = Regression()
+    trainer = _trainer(max_steps=1)
+    apply(fake, trainer, module, data)  # type: ignore[arg-type]
+    assert (data.batch_size, module.hparams.batch_size, trainer.accumulate_grad_batches) == (
+        24,
+        24,
+        2,
+    )
+    with pytest.raises(BadInputError, match="fp32 only"):
+        tune(Regression(), trainer_kwargs={"precision": "bf16-mixed"})
+    with pytest.raises(BadInputError, match="unknown option"):
+        tune(Regression(), time_budget=3)
