@@ -1,7 +1,9 @@
 """Memory and throughput against the micro-batch.
 
 ``plot_memory`` draws the probes of a max-batch search, the fitted line, the budget and the limit;
-``plot_throughput`` draws samples per second with the knee and the best batch;
+``plot_throughput`` draws samples per second — timed blocks, medians, the fitted step-time model
+with its uncertainty, rejected batches — with the knee and the best batch;
+``plot_step_time_residuals`` the fit's relative residuals;
 ``plot_memory_and_throughput`` puts both side by side.
 """
 
@@ -59,8 +61,24 @@ def plot_memory(result: MaxBatchResult, ax: Axes | None = None) -> Axes:
         alpha=0.5,
         label=f"fit: {result.bytes_per_sample / 1024:.1f} KiB/sample",
     )
-    ax.axhline(result.budget_bytes / _MIB, color="tab:red", linestyle="--", label="budget")
-    ax.axhline(result.limit_bytes / _MIB, color="tab:orange", linestyle=":", label="limit")
+    highest = max(
+        [(p.peak_bytes or 0) for p in measured]
+        + [result.fixed_bytes + result.bytes_per_sample * top]
+    )
+    if result.limit_bytes <= 4 * highest:
+        ax.axhline(result.budget_bytes / _MIB, color="tab:red", linestyle="--", label="budget")
+        ax.axhline(result.limit_bytes / _MIB, color="tab:orange", linestyle=":", label="limit")
+    else:  # a budget far above every probe would flatten them onto the axis: say it in words
+        ax.set_ylim(0, highest / _MIB * 1.15)
+        ax.text(
+            0.02,
+            0.97,
+            f"budget {result.budget_bytes / 2**30:.1f} GiB, off this scale",
+            transform=ax.transAxes,
+            va="top",
+            fontsize="small",
+            color="tab:red",
+        )
     ax.axvline(
         result.max_micro_batch,
         color="tab:green",
@@ -75,18 +93,59 @@ def plot_memory(result: MaxBatchResult, ax: Axes | None = None) -> Axes:
 
 
 def plot_throughput(curve: ThroughputCurve, ax: Axes | None = None) -> Axes:
-    """Samples per second against micro-batch (log scale), with the knee and the best batch."""
+    """Samples per second against micro-batch (log scale): every timed block, the medians, the
+    fitted step-time model with a ±2 standard-error band, rejected batches, knee and best batch."""
     ax = _axes(ax)
     points = sorted(curve.points)
-    ax.plot(
-        [p.batch for p in points],
-        [p.samples_per_second for p in points],
+    batches = [p.batch for p in points]
+    if curve.timings is not None:
+        for batch, samples in curve.timings.samples().items():
+            ax.scatter(
+                [batch] * len(samples),
+                [batch / s for s in samples],
+                s=6,
+                color="tab:purple",
+                alpha=0.25,
+                label="timed blocks" if batch == batches[0] else None,
+            )
+    rejected = set(curve.model.rejected_batches) if curve.model is not None else set()
+    kept = [p for p in points if p.batch not in rejected]
+    ax.scatter(
+        [p.batch for p in kept],
+        [p.samples_per_second for p in kept],
         marker="o",
         color="tab:purple",
-        label="measured (median step)",
+        label="median per batch",
+        zorder=3,
     )
+    if rejected:
+        out = [p for p in points if p.batch in rejected]
+        ax.scatter(
+            [p.batch for p in out],
+            [p.samples_per_second for p in out],
+            marker="x",
+            color="tab:red",
+            label="rejected by the fit",
+            zorder=4,
+        )
+    if curve.model is not None:
+        grid = sorted({*batches, *(2**k for k in range(batches[-1].bit_length()))})
+        grid = [b for b in grid if batches[0] <= b <= batches[-1]]
+        fitted = [curve.samples_per_second_at(b) for b in grid]
+        band = [2 * curve.relative_uncertainty_at(b) for b in grid]
+        ax.plot(grid, fitted, color="black", label="fit: b / (α + β·b)")
+        ax.fill_between(
+            grid,
+            [s / (1 + u) for s, u in zip(fitted, band, strict=True)],
+            [s / max(1 - u, 0.05) for s, u in zip(fitted, band, strict=True)],
+            color="black",
+            alpha=0.12,
+            label="±2 standard errors",
+        )
+        best = max(fitted)
+    else:
+        best = max(p.samples_per_second for p in points)
     ax.set_xscale("log", base=2)
-    best = max(p.samples_per_second for p in points)
     ax.axhline(
         curve.knee_fraction * best,
         color="grey",
@@ -101,8 +160,35 @@ def plot_throughput(curve: ThroughputCurve, ax: Axes | None = None) -> Axes:
     )
     ax.set_xlabel("micro-batch")
     ax.set_ylabel("samples per second")
-    ax.set_title(f"throughput ({curve.device})")
+    threads = "" if curve.conditions is None else f", {curve.conditions.threads} thread(s)"
+    ax.set_title(f"throughput ({curve.device}{threads})")
     ax.legend(fontsize="small")
+    return ax
+
+
+def plot_step_time_residuals(curve: ThroughputCurve, ax: Axes | None = None) -> Axes:
+    """Relative residual of every batch's median step time against the fit, rejected in red."""
+    ax = _axes(ax)
+    if curve.model is None:
+        ax.set_title("no step-time model")
+        return ax
+    residuals = sorted(curve.model.relative_residuals.items())
+    rejected = set(curve.model.rejected_batches)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.scatter(
+        [b for b, _ in residuals],
+        [100 * r for _, r in residuals],
+        color=["tab:red" if b in rejected else "tab:purple" for b, _ in residuals],
+        zorder=3,
+    )
+    scale = curve.model.residual_scale
+    if scale == scale:  # not NaN
+        for sign in (1, -1):
+            ax.axhline(sign * 200 * scale, color="grey", linestyle=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("micro-batch")
+    ax.set_ylabel("median step time vs fit (%)")
+    ax.set_title(f"fit residuals (scale {100 * scale:.1f} %; red: rejected)")
     return ax
 
 

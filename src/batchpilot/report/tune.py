@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 from batchpilot.jsonio import to_json
 from batchpilot.plan._scaling import plan_scaling
 from batchpilot.plots.lr_find import plot_lr_find
-from batchpilot.plots.memory import plot_memory, plot_throughput
+from batchpilot.plots.memory import plot_memory, plot_step_time_residuals, plot_throughput
 from batchpilot.plots.noise import plot_goodput, plot_noise_history
 from batchpilot.report.html import Document, Figure, Section, Table, render_html
 from batchpilot.tune import TuneResult
@@ -127,21 +127,38 @@ def build_tune_document(result: TuneResult) -> Document:
     sections.append(
         Section(
             "2. Throughput: samples per second vs micro-batch",
-            paragraphs=[
-                f"Knee (smallest batch within 90% of the best samples/s): {throughput.knee_batch}; "
-                f"fastest: {throughput.best_batch}."
-            ],
+            paragraphs=[_throughput_paragraph(throughput)],
+            bullets=list(throughput.warnings),
             tables=[
                 Table(
-                    ["micro-batch", "samples/s", "ms per step"],
                     [
-                        [p.batch, p.samples_per_second, p.seconds_per_step * 1e3]
+                        "micro-batch",
+                        "median samples/s",
+                        "fitted samples/s",
+                        "± (1 s.e.)",
+                        "median ms per step",
+                        "residual",
+                    ],
+                    [
+                        [
+                            p.batch,
+                            p.samples_per_second,
+                            throughput.samples_per_second_at(p.batch),
+                            f"{throughput.relative_uncertainty_at(p.batch):.1%}",
+                            p.seconds_per_step * 1e3,
+                            _residual(throughput, p.batch),
+                        ]
                         for p in throughput.points
                     ],
                 )
             ],
             figures=[
-                _figure(plot_throughput, throughput, "Training samples per second vs micro-batch")
+                _figure(plot_throughput, throughput, "Training samples per second vs micro-batch"),
+                _figure(
+                    plot_step_time_residuals,
+                    throughput,
+                    "Median step time of each batch against the fitted model",
+                ),
             ],
             anchor="throughput",
         )
@@ -259,18 +276,39 @@ def build_tune_document(result: TuneResult) -> Document:
     )
 
 
-def _goodput_plan(result: TuneResult) -> object:
-    from batchpilot.plan._goodput import plan_goodput
-
-    rec = result.recommendation
-    return plan_goodput(
-        result.throughput,
-        noise_scale=rec.noise_scale if rec.noise_scale is not None else math.inf,
-        base_batch=rec.reference_batch,
-        max_batch=max(result.task.train_size, rec.world_size),
-        max_micro_batch=result.memory.max_micro_batch,
-        world_size=rec.world_size,
+def _throughput_paragraph(curve: object) -> str:
+    model = getattr(curve, "model", None)
+    text = (
+        f"Knee (smallest batch within {curve.knee_fraction:.0%} of the best fitted samples/s): "  # type: ignore[attr-defined]
+        f"{curve.knee_batch}; fastest: {curve.best_batch}."  # type: ignore[attr-defined]
     )
+    if model is not None:
+        text += (
+            f" Step time T(b) = {model.alpha_seconds * 1e3:.3g} ms + "
+            f"{model.beta_seconds_per_sample * 1e6:.3g} µs × b (Pollux's model, Theil–Sen fit over "
+            f"{curve.timed_steps} interleaved rounds; residual scale {model.residual_scale:.1%})."  # type: ignore[attr-defined]
+        )
+    conditions = getattr(curve, "conditions", None)
+    if conditions is not None:
+        text += (
+            f" Measured with {conditions.threads} thread(s) ({conditions.reason}); 1-min load "
+            f"{conditions.load_1min:.2f} on {conditions.cores} cores."
+        )
+    return text
+
+
+def _residual(curve: object, batch: int) -> str:
+    model = getattr(curve, "model", None)
+    if model is None:
+        return "-"
+    value = model.relative_residuals.get(batch)
+    mark = " (rejected)" if batch in model.rejected_batches else ""
+    return "-" if value is None else f"{value:+.1%}{mark}"
+
+
+def _goodput_plan(result: TuneResult) -> object:
+    """The plan the batch was chosen from, as the recommendation keeps it (never re-planned)."""
+    return result.recommendation.goodput
 
 
 def _provenance(result: TuneResult) -> Section:

@@ -85,9 +85,10 @@ from batchpilot.training._schedules import (
 )
 
 __all__ = [
+    "BASE_LR_KEY",
+    "MIN_BATCHNORM_BATCH",
     "AdaptiveBatch",
     "AdaptivePoint",
-    "BASE_LR_KEY",
     "BatchIncrease",
     "BatchLimits",
     "BatchRuntime",
@@ -99,7 +100,6 @@ __all__ = [
     "ExponentialDecay",
     "LrDecay",
     "LrDecaySchedule",
-    "MIN_BATCHNORM_BATCH",
     "MultiStepDecay",
     "OomEvent",
     "OptimizerFamily",
