@@ -186,3 +186,12 @@ def test_throughput_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
         main(["throughput", "--example", "xor4", "--batches", "2,x"])
     _, err = capsys.readouterr()
     assert info.value.code == 2 and "--batches: expected comma-separated integers" in err
+
+
+def test_a_model_that_cannot_train_on_one_sample_starts_the_ladder_at_two() -> None:
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    curve = measure_throughput(_task(model), batches=[1, 2, 8], warmup_steps=1, timed_steps=1)
+    assert [p.batch for p in curve.points] == [2, 8]
+    assert any("micro-batch 1 failed" in w for w in curve.warnings)
+    with pytest.raises(UserCodeError):  # at a single batch there is nothing to fall back on
+        measure_throughput(_task(model), batches=[1], warmup_steps=1, timed_steps=1)

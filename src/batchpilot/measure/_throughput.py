@@ -39,7 +39,7 @@ import torch
 from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.data import to_device
 from batchpilot.devices import release_memory, synchronize
-from batchpilot.errors import BadInputError
+from batchpilot.errors import BadInputError, UserCodeError
 from batchpilot.measure._hygiene import MeasurementConditions, choose_threads, fixed_threads
 from batchpilot.measure._memory import training_step
 from batchpilot.measure._step_time import (
@@ -392,6 +392,14 @@ def measure_throughput(
                             seed=seed,
                         )
                     except Exception as exc:
+                        if batch == 1 and len(ladder) > 1 and isinstance(exc, UserCodeError):
+                            # e.g. BatchNorm after a Linear needs two values per channel: a
+                            # model that cannot train on one sample starts the ladder at 2
+                            notes.append(
+                                f"A step at micro-batch 1 failed ({exc}); the ladder starts at "
+                                f"{ladder[1]}."
+                            )
+                            continue
                         if not is_out_of_memory(exc):
                             raise
                         stopped_at = batch  # out of memory: larger batches will not fit either
