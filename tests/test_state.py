@@ -100,3 +100,45 @@ def test_preserved_rng_alone() -> None:
     with preserved_rng():
         torch.rand(3)
     assert torch.equal(torch.rand(1), expected)
+
+
+class _Counting(nn.Module):
+    """A layer that counts its forward passes in a non-persistent buffer (left out of state_dict)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.register_buffer("calls", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.linear(x)
+
+
+def test_preserved_restores_non_persistent_buffers() -> None:
+    model = _Counting()
+    assert "calls" not in model.state_dict()
+    with preserved(model):
+        model(torch.randn(3, 4))
+        model(torch.randn(3, 4))
+        assert model.calls.item() == 2
+    assert model.calls.item() == 0
+
+
+def test_memory_probe_of_a_user_model_leaves_non_persistent_buffers() -> None:
+    from torch.utils.data import TensorDataset
+
+    from batchpilot.measure import measure_step_memory
+    from batchpilot.task import Task
+
+    x = torch.randn(32, 4)
+    task = Task(
+        model=_Counting,
+        train_data=TensorDataset(x, (x.sum(dim=1) > 0).long()),
+        loss=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr),
+    )
+    model = _Counting()
+    model.calls.fill_(7)
+    measure_step_memory(task, 8, model=model, mode="tracked")
+    assert model.calls.item() == 7

@@ -165,5 +165,14 @@ def test_on_a_cpu_the_ladder_stops_where_speed_stops_rising() -> None:
     )
     top = max(p.batch for p in curve.points)
     # never a micro-batch near the dataset size: speed flattens (or a step gets slow) long before
-    assert top <= 8192 < task.train_size
+    assert top < task.train_size
     assert any("not probed" in w or "not timed" in w or "budget" in w for w in curve.warnings)
+
+
+def test_a_reference_batch_that_cannot_be_used_is_lowered_with_a_note() -> None:
+    result = tune(
+        load_task(example="xor4"),
+        TuneOptions(reference_batch=1_000_000, lr_steps=20, lr_repeats=1, noise_steps=20),
+    )
+    assert result.recommendation.reference_batch == 8  # half the 16-sample training set
+    assert any("Reference batch 1000000" in n and "lowered to 8" in n for n in result.notes)

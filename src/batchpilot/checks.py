@@ -16,11 +16,15 @@ batchpilot.errors.BadInputError: lr: expected a positive number, got -1.0
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from batchpilot.errors import BadInputError
 
 Reduction = Literal["mean", "sum"]
+
+# Every step of a run keeps a number or two (a loss, a norm): a run longer than this would not fit
+# in memory, nor finish; a longer --steps or --epochs is a typo, refused before it starts.
+MAX_RUN_STEPS = 100_000_000
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
@@ -40,6 +44,16 @@ def check_positive_float(name: str, value: float) -> float:
     return float(value)
 
 
+def check_run_steps(name: str, steps: int) -> int:
+    """Return ``steps`` if it is a positive integer no larger than :data:`MAX_RUN_STEPS`."""
+    check_positive_int(name, steps)
+    if steps > MAX_RUN_STEPS:
+        raise BadInputError(
+            f"{name}: expected at most {MAX_RUN_STEPS:,} optimizer steps, got {steps}"
+        )
+    return steps
+
+
 def check_fraction(name: str, value: float, *, closed: bool = False) -> float:
     """Return ``value`` if it lies in [0, 1) (or [0, 1] with ``closed``), else raise."""
     ok = isinstance(value, int | float) and not isinstance(value, bool)
@@ -47,6 +61,18 @@ def check_fraction(name: str, value: float, *, closed: bool = False) -> float:
         return float(value)
     interval = "[0, 1]" if closed else "[0, 1)"
     raise BadInputError(f"{name}: expected a fraction in {interval}, got {value!r}")
+
+
+def check_trainable(model: Any) -> None:
+    """Refuse a model (a ``torch.nn.Module``) none of whose parameters would be trained."""
+    params = list(model.parameters())
+    if not params:
+        raise BadInputError("Task.model(): the model has no parameters to train")
+    if not any(p.requires_grad for p in params):
+        raise BadInputError(
+            f"Task.model(): all {sum(p.numel() for p in params)} parameters are frozen "
+            "(requires_grad=False): there is nothing to train"
+        )
 
 
 def check_reduction(reduction: str) -> Reduction:
@@ -59,10 +85,13 @@ def check_reduction(reduction: str) -> Reduction:
 
 
 __all__ = [
+    "MAX_RUN_STEPS",
     "REDUCTIONS",
     "Reduction",
     "check_fraction",
     "check_positive_float",
     "check_positive_int",
     "check_reduction",
+    "check_run_steps",
+    "check_trainable",
 ]

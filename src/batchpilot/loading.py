@@ -51,6 +51,8 @@ def load_task(spec: str | None = None, *, example: str | None = None) -> Task:
         task = factory()
     except (BadInputError, UserCodeError):
         raise
+    except SystemExit as exc:
+        raise _exited(f"{spec}()", exc) from exc
     except Exception as exc:
         raise UserCodeError.wrap(f"{spec}()", exc) from exc
     if not isinstance(task, Task):
@@ -70,6 +72,8 @@ def _import(module_part: str, spec: str) -> ModuleType:
         if exc.name and module_part.startswith(exc.name):
             raise BadInputError(f"TASK: no module named {module_part!r}") from exc
         raise UserCodeError.wrap(f"import {module_part}", exc) from exc
+    except SystemExit as exc:
+        raise _exited(f"import {module_part}", exc) from exc
     except Exception as exc:
         raise UserCodeError.wrap(f"import {module_part}", exc) from exc
 
@@ -88,6 +92,9 @@ def _import_file(path: Path) -> ModuleType:
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
+    except SystemExit as exc:
+        sys.modules.pop(name, None)
+        raise _exited(f"import {path}", exc) from exc
     except Exception as exc:
         sys.modules.pop(name, None)
         raise UserCodeError.wrap(f"import {path}", exc) from exc
@@ -95,3 +102,9 @@ def _import_file(path: Path) -> ModuleType:
         if folder in sys.path:
             sys.path.remove(folder)
     return module
+
+
+def _exited(where: str, exc: SystemExit) -> UserCodeError:
+    """A task that calls ``sys.exit`` while it is loaded has not given a task, whatever the code:
+    exiting 0 with no output would pass for success."""
+    return UserCodeError(f"{where} called sys.exit({exc.code!r}) instead of returning a Task")

@@ -17,6 +17,9 @@ _OOM_MESSAGES = (
     "not enough memory",  # CPU on Windows: "DefaultCPUAllocator: not enough memory"
     "cannot allocate memory",  # CPU: posix_memalign / errno ENOMEM
     "failed to allocate memory",  # CPU and oneDNN
+    # oneDNN (CPU convolutions) reports a failed scratch-pad allocation only as this.
+    "could not create a primitive",
+    "std::bad_alloc",  # a C++ allocation inside an operator
     "mps backend out of memory",  # Apple MPS
     "cudnn_status_alloc_failed",  # cuDNN workspace
     "cublas_status_alloc_failed",  # cuBLAS handle / workspace

@@ -1,7 +1,7 @@
 """Leaving the user's state exactly as it was: RNG streams, model, optimizer, BatchNorm statistics.
 
 Every probe and tuning run goes through :func:`preserved`; on exit, parameters, buffers (BatchNorm
-running statistics included), gradients, train/eval flags, optimizer state and hyper-parameters and
+running statistics and non-persistent buffers included), gradients, train/eval flags, optimizer state and hyper-parameters and
 every RNG stream are restored bitwise. Snapshots are kept on the CPU, so no second copy of the model
 sits on the accelerator.
 
@@ -72,6 +72,15 @@ def _to_cpu(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model``: its state dict, and the buffers registered with
+    ``persistent=False`` that the state dict leaves out (a probe's steps may change them too)."""
+    tensors: dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        tensors.setdefault(name, buffer)
+    return tensors
+
+
 @dataclass
 class ModelSnapshot:
     """A CPU copy of a module's tensors, gradients and train/eval flags."""
@@ -82,7 +91,7 @@ class ModelSnapshot:
 
     @classmethod
     def take(cls, model: nn.Module) -> ModelSnapshot:
-        tensors = {name: _to_cpu(t) for name, t in model.state_dict(keep_vars=True).items()}
+        tensors = {name: _to_cpu(t) for name, t in _model_tensors(model).items()}
         grads = {
             name: None if p.grad is None else _to_cpu(p.grad)
             for name, p in model.named_parameters()
@@ -92,7 +101,7 @@ class ModelSnapshot:
 
     def restore(self, model: nn.Module) -> None:
         with torch.no_grad():
-            current = model.state_dict(keep_vars=True)
+            current = _model_tensors(model)
             for name, saved in self.tensors.items():
                 target = current[name]
                 if target.shape != saved.shape:  # a lazily built or resized buffer

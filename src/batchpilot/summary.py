@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from batchpilot.checks import check_trainable
 from batchpilot.data import to_device
 from batchpilot.errors import BadInputError
 from batchpilot.state import preserved_rng
@@ -44,12 +45,18 @@ def summarize_task(task: Task, *, device: torch.device | str = "cpu", seed: int 
     with preserved_rng():
         torch.manual_seed(seed)
         model = task.make_model(device)
+        check_trainable(model)
         optimizer = task.make_optimizer(model.parameters(), task.reference_lr or 1e-3)
         batch = next(iter(task.loader(min(2, task.train_size), shuffle=False)))
         loss = task.compute_loss(model, to_device(batch, device))
         if not torch.isfinite(loss):
             raise BadInputError(
                 f"Task.loss(model, batch): the loss of a fresh model is {float(loss.detach())}, not finite"
+            )
+        if not loss.requires_grad:
+            raise BadInputError(
+                "Task.loss(model, batch): the loss has no gradient (it does not depend on a "
+                "trainable parameter, or was computed under no_grad/detach): nothing would train"
             )
     params = list(model.parameters())
     batchnorm = torch.nn.modules.batchnorm._BatchNorm

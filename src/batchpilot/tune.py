@@ -302,8 +302,20 @@ def _tune(
             "(the speed saturates there): they are not used."
         )
 
-    reference_batch = options.reference_batch or task.reference_batch or 32
-    reference_batch = max(2, min(reference_batch, max_micro, task.train_size // 2))
+    asked = options.reference_batch or task.reference_batch or 32
+    reference_batch = max(2, min(asked, max_micro, task.train_size // 2))
+    if reference_batch != asked:
+        limit = (
+            f"the largest usable micro-batch, {max_micro}"
+            if reference_batch == max_micro
+            else f"half the {task.train_size}-sample training set"
+            if reference_batch == task.train_size // 2
+            else "the smallest batch the noise scale can split, 2"
+        )
+        notes.append(
+            f"Reference batch {asked} (of the range test and the noise scale) lowered to "
+            f"{reference_batch}: {limit}."
+        )
     lr_steps, lr_repeats, noise_steps, verify_epochs = _fit_budget(
         options,
         throughput,

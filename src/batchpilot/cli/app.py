@@ -7,6 +7,8 @@ progress and logs go to stderr.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -64,8 +66,21 @@ FormatOpt = Annotated[
     OutputFormat,
     typer.Option("--format", help="table for people; json for programs (stdout holds only JSON)."),
 ]
+# Seeds are offset per repeat and per epoch; below 2**63 they stay in torch's range.
+MAX_SEED = 2**63 - 1
+
+
+def _check_seed(seed: int) -> int:
+    if not 0 <= seed <= MAX_SEED:
+        raise BadInputError(f"--seed: expected an integer in [0, 2**63 - 1], got {seed}")
+    return seed
+
+
 SeedOpt = Annotated[
-    int, typer.Option("--seed", help="Seed of model initialisation and data order.")
+    int,
+    typer.Option(
+        "--seed", help="Seed of model initialisation and data order.", callback=_check_seed
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help=f"Where to measure: {DEVICE_CHOICES}.")]
 DebugOpt = Annotated[
@@ -99,16 +114,70 @@ def emit(fmt: OutputFormat, data: dict[str, Any], table: Callable[[Console], Non
 
 @contextmanager
 def progress() -> Iterator[Progress]:
-    """A rich progress display on stderr (silent when stderr is not a terminal)."""
+    """A rich progress display on stderr (silent when stderr is not a terminal); erased when the
+    body fails, so that the error stays the one line on stderr."""
+    console = stderr()
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=stderr(),
+        console=console,
         transient=False,
+        disable=not console.is_terminal,
     ) as bar:
-        yield bar
+        try:
+            yield bar
+        except BaseException:
+            bar.live.transient = True
+            raise
+
+
+def check_out_folder(out: Path | None, option: str = "--out") -> None:
+    """Refuse an output folder that cannot be written, before anything is measured.
+
+    The folder is created and a file written in it, then whatever this check created is removed
+    again: only trying tells a writable folder (permissions, read-only mounts, ``/proc``).
+    """
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"{option}: {str(out)!r} is a file, expected a folder")
+    missing = [folder for folder in (out, *out.parents) if not folder.exists()]
+    for folder in missing:
+        if folder.parent.exists() and not folder.parent.is_dir():
+            raise BadInputError(
+                f"{option}: cannot create folder {str(out)!r}: {str(folder.parent)!r} is a file"
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise BadInputError(
+            f"{option}: cannot write to folder {str(out)!r}: {exc.strerror or exc}"
+        ) from exc
+    finally:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+@contextmanager
+def option_names(**options: str) -> Iterator[None]:
+    """Say the command's option where the library's message names its argument.
+
+    ``with option_names(micro_batch="--batch"):`` turns ``micro_batch: 64 is larger…`` into
+    ``--batch: 64 is larger…``, so that an error names an option the command really has.
+    """
+    try:
+        yield
+    except BadInputError as exc:
+        message = str(exc)
+        name, sep, rest = message.partition(": ")
+        if sep and name in options:
+            raise BadInputError(f"{options[name]}: {rest}") from exc
+        raise
 
 
 def require(condition: bool, message: str) -> None:

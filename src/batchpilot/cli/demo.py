@@ -9,12 +9,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from batchpilot.cli._text import plain
 from batchpilot.cli.app import (
     DebugOpt,
     FormatOpt,
     OutputFormat,
     SeedOpt,
     app,
+    check_out_folder,
     emit,
     stderr,
 )
@@ -68,6 +70,8 @@ def demo_command(
         return
     if name not in DEMOS:
         raise BadInputError(f"NAME: unknown demo {name!r}; choose one of {', '.join(DEMOS)}")
+    if plot:
+        check_out_folder(out)
     with stderr().status(f"running demo {name}{' (quick)' if quick else ''}…"):
         result = run_demo(name, seed=seed, quick=quick)
     files: dict[str, str | None] = {"plot": None, "json": None}
@@ -124,4 +128,4 @@ def _render(console: Console, result: DemoResult, files: dict[str, str | None]) 
     console.print(findings)
     console.print(f"[bold]Verdict:[/bold] {result.verdict} ({result.seconds:.1f} s of training)")
     if files.get("plot"):
-        console.print(f"plot: {files['plot']}   result: {files['json']}")
+        console.print(f"plot: {plain(files['plot'])}   result: {plain(files['json'])}")

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from batchpilot.cli._text import plain
 from batchpilot.cli.app import (
     DebugOpt,
     DeviceOpt,
@@ -18,6 +19,7 @@ from batchpilot.cli.app import (
     SeedOpt,
     TaskArg,
     app,
+    check_out_folder,
     emit,
     get_task,
     progress,
@@ -129,6 +131,8 @@ def lr_find_command(
     fmt: FormatOpt = OutputFormat.table,
     debug: DebugOpt = False,
 ) -> None:
+    if plot:
+        check_out_folder(out)
     task = get_task(task_spec, example)
     if batch is None:
         batch = task.reference_batch
@@ -193,7 +197,7 @@ def _render(
     )
     table = Table(
         title=(
-            f"lr range test on {name}: batch {result.global_batch}{split}, {result.steps} steps "
+            f"lr range test on {plain(name)}: batch {result.global_batch}{split}, {result.steps} steps "
             f"from {result.min_lr:g} to {result.max_lr:g} ({result.mode}), {len(result.runs)} "
             f"repeats, {result.seconds:.1f} s"
         )
@@ -262,15 +266,15 @@ def _render(
     elif result.suggestion is not None:
         console.print(f"suggested lr: [bold]{result.suggestion:.3g}[/bold] ({result.method})")
     if result.message:
-        console.print(f"[yellow]{result.message}[/yellow]")
+        console.print(f"[yellow]{plain(result.message)}[/yellow]")
     if result.diverged_at is not None:
         console.print(
             f"the loss diverged at lr {result.diverged_at:.3g} (points from there on dropped)"
         )
     for note in result.notes:
-        console.print(f"• {note}")
+        console.print(f"• {plain(note)}")
     if files.get("plot"):
-        console.print(f"plot: {files['plot']}  data: {files['json']}")
+        console.print(f"plot: {plain(files['plot'])}  data: {plain(files['json'])}")
 
 
 def _seeds(verification: Verification) -> int:

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from batchpilot.checks import check_positive_int, check_run_steps
+from batchpilot.cli._text import plain
 from batchpilot.cli.app import (
     DebugOpt,
     DeviceOpt,
@@ -19,6 +21,7 @@ from batchpilot.cli.app import (
     SeedOpt,
     TaskArg,
     app,
+    check_out_folder,
     emit,
     get_task,
     stderr,
@@ -73,6 +76,9 @@ _OPTIONS = {
     "mode": "--mode",
     "batches": "--batches",
     "global_batch": "--batch",
+    "timed_steps": "--steps",
+    "warmup_steps": "--warmup",
+    "world_size": "--world-size",
 }
 
 
@@ -151,6 +157,7 @@ def memory_command(
 ) -> None:
     if rounding not in ROUNDINGS:
         raise BadInputError(f"--round: expected one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    check_out_folder(out)
     result = _max_batch_result(
         task_spec,
         example,
@@ -211,9 +218,9 @@ def _render_memory(
         f"{result.seconds:.1f} s"
     )
     for note in result.notes:
-        console.print(f"• {note}")
+        console.print(f"• {plain(note)}")
     if "plot" in data:
-        console.print(f"plot: {data['plot']}")
+        console.print(f"plot: {plain(data['plot'])}")
 
 
 @app.command(
@@ -271,6 +278,15 @@ def throughput_command(
 ) -> None:
     if not 0 < knee_percent <= 100:
         raise BadInputError(f"--knee: expected a percentage in (0, 100], got {knee_percent:g}")
+    check_run_steps("--steps", steps)
+    if warmup < 0:
+        raise BadInputError(f"--warmup: expected a non-negative integer, got {warmup}")
+    if warmup:
+        check_run_steps("--warmup", warmup)
+    check_positive_int("--world-size", world_size)
+    if global_batch is not None:
+        check_positive_int("--batch", global_batch)
+    check_out_folder(out)
     chosen: list[int] | None = None
     if batches is not None:
         try:
@@ -372,7 +388,7 @@ def _render_throughput(
         console.print(
             f"[bold]global batch {plan.global_batch}[/bold] = micro-batch {plan.micro_batch} × "
             f"{plan.accumulation_steps} accumulation × {plan.world_size} device(s){speed}: "
-            f"{plan.reason}"
+            f"{plain(plan.reason)}"
         )
     if "plot" in data:
-        console.print(f"plot: {data['plot']}")
+        console.print(f"plot: {plain(data['plot'])}")

@@ -30,6 +30,7 @@ from batchpilot.cli.app import (
     SeedOpt,
     TaskArg,
     app,
+    check_out_folder,
     emit,
     get_task,
     progress,
@@ -92,6 +93,7 @@ def noise_command(
     fmt: FormatOpt = OutputFormat.table,
     debug: DebugOpt = False,
 ) -> None:
+    check_out_folder(out)
     task = get_task(task_spec, example)
     batch = batch if batch is not None else task.reference_batch
     if batch is None:

@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from batchpilot.checks import check_positive_int
+from batchpilot.cli._text import plain
 from batchpilot.cli.app import (
     DebugOpt,
     DeviceOpt,
@@ -28,10 +30,12 @@ from batchpilot.cli.app import (
     SeedOpt,
     TaskArg,
     app,
+    check_out_folder,
     emit,
+    option_names,
     stderr,
 )
-from batchpilot.errors import BadInputError
+from batchpilot.errors import BadInputError, UserCodeError
 from batchpilot.examples import EXAMPLES
 from batchpilot.loading import load_task
 from batchpilot.sweep import (
@@ -55,7 +59,8 @@ class _SweepGroup(TyperGroup):
     the default subcommand ``run``."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+        # No arguments at all is `run` without a task too: one line saying what is missing.
+        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
@@ -70,7 +75,7 @@ sweep_app = typer.Typer(
         "Example: batchpilot sweep --example digits --budget-epochs 3 --start 64; "
         "then: batchpilot sweep show batchpilot-sweeps.sqlite"
     ),
-    no_args_is_help=True,
+    no_args_is_help=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(sweep_app, name="sweep")
@@ -327,6 +332,9 @@ def run_command(
     debug: DebugOpt = False,
 ) -> None:
     spec = _task_spec(task_spec, example)
+    if workers is not None:
+        check_positive_int("--workers", workers)
+    check_out_folder(out)
     budget = _budget(budget_epochs, budget_samples, target_loss, target_metric, max_epochs, evals)
     plan = _lr_plan(lr_rule, lr_grid, lr_center, ref_batch, ref_lr, warmup_epochs)
     if strategy == "ladder":
@@ -356,32 +364,43 @@ def run_command(
 
     def report(trial: TrialResult, reused: bool) -> None:
         if not reported:
-            log.print(f"sweep trials are committed to {store} as they finish")
+            log.print(
+                f"sweep trials are committed to {plain(store)} as they finish", soft_wrap=True
+            )
         reported.append(trial.key)
         log.print(_trial_line(trial, reused), soft_wrap=True)
 
+    budget_option = (
+        "--budget-samples"
+        if budget_samples is not None
+        else "--max-epochs"
+        if max_epochs is not None
+        else "--budget-epochs"
+    )
     try:
-        result = run_sweep(
-            spec,
-            budget=budget,
-            strategy=chosen,
-            lr=plan,
-            objective=objective,
-            executor=executor,
-            store=store,
-            name=name,
-            resume=resume,
-            seed=seed,
-            device=device,
-            max_micro_batch=max_micro_batch,
-            workers=workers,
-            ray_address=ray_address,
-            on_trial=report,
-        )
+        with option_names(budget=budget_option):
+            result = run_sweep(
+                spec,
+                budget=budget,
+                strategy=chosen,
+                lr=plan,
+                objective=objective,
+                executor=executor,
+                store=store,
+                name=name,
+                resume=resume,
+                seed=seed,
+                device=device,
+                max_micro_batch=max_micro_batch,
+                workers=workers,
+                ray_address=ray_address,
+                on_trial=report,
+            )
     except KeyboardInterrupt:
         log.print(
-            f"interrupted: the finished trials are in {store}; run the same command with "
-            "--resume to continue"
+            f"interrupted: the finished trials are in {plain(store)}; run the same command "
+            "with --resume to continue",
+            soft_wrap=True,  # one line, however narrow the terminal: scripts grep for it
         )
         raise
     data = result.to_dict()
@@ -390,6 +409,12 @@ def run_command(
 
         data["plots"] = [str(path) for path in save_sweep_plots(result, out)]
     emit(fmt, data, lambda console: _render(console, result, data.get("plots", [])))
+    if result.trials and all(trial.status == "failed" for trial in result.trials):
+        first = result.trials[0]
+        raise UserCodeError(
+            f"every trial of the sweep failed ({len(result.trials)}); the first, batch "
+            f"{first.batch}: {first.error}"
+        )
 
 
 @sweep_app.command(
@@ -411,8 +436,11 @@ def show_command(
     fmt: FormatOpt = OutputFormat.table,
     debug: DebugOpt = False,
 ) -> None:
+    if store.is_dir():
+        raise BadInputError(f"STORE: {str(store)!r} is a folder, expected a SQLite file")
     if not store.is_file():
         raise BadInputError(f"STORE: no such file {str(store)!r}")
+    check_out_folder(out)
     results = load_sweeps(store)
     if name is not None:
         results = [r for r in results if r.name == name]
@@ -433,7 +461,7 @@ def show_command(
 
     def render(console: Console) -> None:
         if not results:
-            console.print(f"no sweeps in {store}")
+            console.print(f"no sweeps in {plain(store)}")
         for result in results:
             _render(console, result, plots.get(result.name, []))
 
@@ -452,7 +480,7 @@ def _trial_line(trial: TrialResult, reused: bool) -> str:
     source = "stored" if reused else "ran"
     lr = _number(trial.lr)
     if trial.status == "failed":
-        return f"  batch {trial.batch}, lr {lr}: [red]failed[/red] ({trial.error})"
+        return f"  batch {trial.batch}, lr {lr}: [red]failed[/red] ({plain(trial.error)})"
     if trial.diverged:
         return f"  batch {trial.batch} ({source}), lr {lr}: [red]diverged[/red]"
     parts = [f"val loss {_number(trial.val_loss)}"]
@@ -466,7 +494,7 @@ def _trial_line(trial: TrialResult, reused: bool) -> str:
 
 def _render(console: Console, result: SweepResult, plots: list[str]) -> None:
     config = result.config
-    metric = config.get("metric_name") or "metric"
+    metric = plain(config.get("metric_name") or "metric")
     strategy = config["strategy"]
     description = (
         f"ladder from {strategy['start']} (×{strategy['factor']:g})"
@@ -474,7 +502,7 @@ def _render(console: Console, result: SweepResult, plots: list[str]) -> None:
         else f"grid {strategy['batches']}"
     )
     table = Table(
-        title=f"sweep {result.name}: {config['task_name']}, {description}, "
+        title=f"sweep {plain(result.name)}: {plain(config['task_name'])}, {description}, "
         f"{len(result.trials)} trials",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
@@ -525,8 +553,8 @@ def _render(console: Console, result: SweepResult, plots: list[str]) -> None:
         console.print(f"best lr ∝ B^{lr_fit.exponent:.3f} ({meaning})")
     if result.ran or result.reused:
         console.print(
-            f"{result.ran} trials run, {result.reused} read back from {result.store} "
-            f"(batchpilot sweep show {result.store})"
+            f"{result.ran} trials run, {result.reused} read back from {plain(result.store)} "
+            f"(batchpilot sweep show {plain(result.store)})"
         )
     for path in plots:
-        console.print(f"plot: {path}")
+        console.print(f"plot: {plain(path)}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from batchpilot.checks import check_positive_float, check_positive_int
+from batchpilot.cli._text import plain
 from batchpilot.cli.app import (
     DebugOpt,
     DeviceOpt,
@@ -19,9 +22,11 @@ from batchpilot.cli.app import (
     app,
     emit,
     get_task,
+    option_names,
     progress,
 )
 from batchpilot.devices import resolve_device
+from batchpilot.errors import BadInputError
 from batchpilot.examples import EXAMPLES
 from batchpilot.loading import load_task
 from batchpilot.summary import TaskSummary, summarize_task
@@ -74,12 +79,12 @@ def check_command(
 
 
 def _render_summary(console: Console, summary: TaskSummary) -> None:
-    table = Table(title=f"task {summary.name}: OK")
+    table = Table(title=f"task {plain(summary.name)}: OK")
     table.add_column("property")
     table.add_column("value", justify="right")
     for key, value in summary.to_dict().items():
         table.add_row(
-            key.replace("_", " "), f"{value:.4g}" if isinstance(value, float) else str(value)
+            key.replace("_", " "), f"{value:.4g}" if isinstance(value, float) else plain(value)
         )
     console.print(table)
 
@@ -118,27 +123,39 @@ def train_command(
     fmt: FormatOpt = OutputFormat.table,
     debug: DebugOpt = False,
 ) -> None:
-    from batchpilot.errors import BadInputError
-
+    # Every number is checked before the task is built; 0 is a value, never "the default".
+    if batch is not None:
+        check_positive_int("--batch", batch)
+    check_positive_int("--accumulation", accumulation)
+    if lr is not None:
+        check_positive_float("--lr", lr)
+    if epochs is not None:
+        check_positive_float("--epochs", epochs)
+    if steps is not None:
+        check_positive_int("--steps", steps)
+    check_positive_int("--evals", evals)
+    if steps is not None and epochs is not None:
+        raise BadInputError("--steps: give either --steps or --epochs, not both")
     task = get_task(task_spec, example)
-    batch = batch or task.reference_batch
-    lr = lr or task.reference_lr
+    if batch is None:
+        batch = task.reference_batch
+    if lr is None:
+        lr = task.reference_lr
     if batch is None:
         raise BadInputError("--batch: the task has no reference batch; give --batch")
     if lr is None:
         raise BadInputError("--lr: the task has no reference lr; give --lr")
-    if evals <= 0:
-        raise BadInputError(f"--evals: expected a positive integer, got {evals}")
     if steps is None and epochs is None:
         epochs = 3.0
-    if steps is not None and epochs is not None:
-        raise BadInputError("--steps: give either --steps or --epochs, not both")
     planned = (
         steps
         if steps is not None
-        else max(1, round((epochs or 0) * task.train_size / (batch * accumulation)))
+        else max(1, math.ceil((epochs or 0) * task.train_size / (batch * accumulation)))
     )
-    with progress() as bar:
+    with (
+        progress() as bar,
+        option_names(micro_batch="--batch", accumulation_steps="--accumulation"),
+    ):
         job = bar.add_task("training", total=planned)
         result = train(
             task,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +10,7 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 from rich.table import Table
 
+from batchpilot.cli._text import plain
 from batchpilot.cli.app import (
     DebugOpt,
     DeviceOpt,
@@ -20,13 +20,13 @@ from batchpilot.cli.app import (
     SeedOpt,
     TaskArg,
     app,
+    check_out_folder,
     emit,
     get_task,
     progress,
     stderr,
 )
 from batchpilot.devices import resolve_device
-from batchpilot.errors import BadInputError
 from batchpilot.measure._memory_search import parse_size
 from batchpilot.report.tune import write_partial_report, write_tune_report
 from batchpilot.tune import (
@@ -36,15 +36,6 @@ from batchpilot.tune import (
     TuneResult,
     tune,
 )
-
-
-def check_output_folder(out: Path) -> None:
-    """Refuse an ``--out`` that cannot hold the report before anything is measured."""
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out: {str(out)!r} is a file, not a folder")
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInputError(f"--out: cannot write into {str(parent)!r}")
 
 
 class _Bars:
@@ -128,7 +119,7 @@ def tune_command(
         bool,
         typer.Option(
             "--verify",
-            help="Also train at ×0.5, ×1 and ×2 the recommended batch and keep the best (seed 003).",
+            help="Also train at ×0.5, ×1 and ×2 the recommended batch and keep the best (the practitioners' halve-or-double check).",
         ),
     ] = False,
     verify_epochs: Annotated[
@@ -158,7 +149,7 @@ def tune_command(
     fmt: FormatOpt = OutputFormat.table,
     debug: DebugOpt = False,
 ) -> None:
-    check_output_folder(out)
+    check_out_folder(out)
     task = get_task(task_spec, example)
     resolved = resolve_device(device)
     options = TuneOptions(
@@ -195,7 +186,7 @@ def tune_command(
 
 def render_tune(console: Console, result: TuneResult, report: Path) -> None:
     rec = result.recommendation
-    table = Table(title=f"batchpilot recommendation for {result.task.name}")
+    table = Table(title=f"batchpilot recommendation for {plain(result.task.name)}")
     table.add_column("")
     table.add_column("value", justify="right")
     rows = [
@@ -222,13 +213,13 @@ def render_tune(console: Console, result: TuneResult, report: Path) -> None:
         table.add_row(name, value)
     console.print(table)
     for reason in rec.reasons:
-        console.print(f"• {reason}")
+        console.print(f"• {plain(reason)}")
     for advice in rec.warnings:
-        console.print(f"[yellow]warning ({advice.code}):[/yellow] {advice.message}")
+        console.print(f"[yellow]warning ({advice.code}):[/yellow] {plain(advice.message)}")
     if result.verification is not None:
         verification = result.verification
         check = Table(
-            title=f"verification: {verification.epochs:.2g} epochs each (seed 003's ×0.5 / ×2)"
+            title=f"verification: {verification.epochs:.2g} epochs each (×0.5 / ×1 / ×2 the batch)"
         )
         for column in ("global batch", "lr", "steps", "val loss", "metric", "seconds"):
             check.add_column(column, justify="right")
@@ -244,5 +235,5 @@ def render_tune(console: Console, result: TuneResult, report: Path) -> None:
             )
         console.print(check)
     for note in result.notes:
-        console.print(f"note: {note}")
-    console.print(f"took {result.phase_seconds.get('total', 0):.1f} s; report: {report}")
+        console.print(f"note: {plain(note)}")
+    console.print(f"took {result.phase_seconds.get('total', 0):.1f} s; report: {plain(report)}")

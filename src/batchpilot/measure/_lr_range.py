@@ -36,7 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchpilot.checks import check_positive_float, check_positive_int
+from batchpilot.checks import (
+    MAX_RUN_STEPS,
+    check_positive_float,
+    check_positive_int,
+    check_run_steps,
+    check_trainable,
+)
 from batchpilot.devices import release_memory, resolve_device
 from batchpilot.errors import BadInputError
 from batchpilot.measure._lr_suggest import (
@@ -60,6 +66,8 @@ SMOOTHING_WINDOW = 0.1
 # The rule behind `suggestion`; chosen by benchmarks/lr_find.py (see docs/lr-find.md).
 DEFAULT_METHOD: Method = "minimum_over_10"
 MIN_STEPS = 10
+# One point per step, all kept: beyond a million the curve alone would not fit in memory.
+MAX_STEPS = 1_000_000
 # Verification candidates lie on a fixed grid of powers of √2 (so that repeated tests propose the
 # same lrs): a ladder of VERIFY_RUNGS powers of 2 below the stability edge plus each rule's
 # suggestion rounded to the grid, then the two grid points around the best. The best
@@ -326,9 +334,16 @@ def find_lr(
     check_positive_int("steps", steps)
     if steps < MIN_STEPS:
         raise BadInputError(f"steps: expected at least {MIN_STEPS} optimizer steps, got {steps}")
+    if steps > MAX_STEPS:
+        raise BadInputError(f"steps: expected at most {MAX_STEPS} optimizer steps, got {steps}")
     if mode not in MODES:
         raise BadInputError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
     check_positive_int("repeats", repeats)
+    if repeats * steps > MAX_RUN_STEPS:
+        raise BadInputError(
+            f"repeats: {repeats} repeats of {steps} steps are more than the {MAX_RUN_STEPS:,} "
+            "optimizer steps a range test may take"
+        )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise BadInputError(f"seed: expected an integer, got {seed!r}")
     if not (isinstance(divergence_factor, int | float) and divergence_factor > 1.0):
@@ -341,7 +356,7 @@ def find_lr(
         raise BadInputError(f"smoothing: expected a number in [0, 1), got {smoothing!r}")
     chosen = check_method(method)
     if verify_steps is not None:
-        check_positive_int("verify_steps", verify_steps)
+        check_run_steps("verify_steps", verify_steps)
     check_positive_int("verify_seeds", verify_seeds)
     check_positive_int("verify_final_seeds", verify_final_seeds)
     if micro_batch > task.train_size:
@@ -699,6 +714,7 @@ def _fresh_run(
     with preserved_rng():
         torch.manual_seed(seed)
         model = task.make_model(device)
+        check_trainable(model)
         optimizer = task.make_optimizer(model.parameters(), min_lr)
         try:
             # The factory's lr is min_lr: each group's ratio to it is kept all along the test.

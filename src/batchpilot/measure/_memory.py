@@ -22,13 +22,14 @@ True
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import resource
 import warnings
 import weakref
-from collections.abc import Mapping
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, get_args
@@ -39,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.data import default_collate
 
-from batchpilot.checks import check_positive_int
+from batchpilot.checks import check_positive_int, check_trainable
 from batchpilot.data import to_device
 from batchpilot.devices import release_memory
 from batchpilot.errors import BadInputError, UserCodeError
@@ -440,6 +441,19 @@ def _explain_fake_failure(exc: UserCodeError) -> BadInputError | None:
     return None
 
 
+@contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """Keep torch's fake-tensor logger quiet: it logs the traceback of every operator that fails
+    on fake tensors, and that failure reaches the user anyway, as one line."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 # ---------------------------------------------------------------------------------------------
 # A series of probes on one model.
 
@@ -516,6 +530,7 @@ class MemoryProbe(AbstractContextManager["MemoryProbe"]):
             self.model = task.make_model(self.device)
             self.optimizer = task.make_optimizer(self.model.parameters(), task.reference_lr or 1e-3)
         assert self.model is not None
+        check_trainable(self.model)
         self.model.train()
         # Priming: from here on gradients and optimizer state exist, as in a long run, and the
         # first-call costs (kernel selection, caches) are paid before anything is measured.
@@ -557,6 +572,8 @@ class MemoryProbe(AbstractContextManager["MemoryProbe"]):
 
     def _enter_fake(self) -> None:
         from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self._stack.enter_context(_quiet_fake_tensor_log())
 
         # Fake parameters cannot be moved with .to(): they are built where they belong.
         if self.device.type != "cuda":

@@ -81,7 +81,9 @@ def parse_size(text: str | int) -> int:
     (True, 1024, 65536)
     """
     if isinstance(text, int) and not isinstance(text, bool):
-        value, unit = float(text), ""
+        if text <= 0:
+            raise BadInputError(f"device_memory: expected a positive size, got {text!r}")
+        return text
     else:
         match = re.fullmatch(
             r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text)
@@ -92,6 +94,8 @@ def parse_size(text: str | int) -> int:
                 "or a number of bytes"
             )
         value, unit = float(match.group(1)), match.group(2).lower()
+    if not math.isfinite(value * _UNITS[unit]):
+        raise BadInputError(f"device_memory: {text!r} is too large to be a size")
     size = int(value * _UNITS[unit])
     if size <= 0:
         raise BadInputError(f"device_memory: expected a positive size, got {text!r}")
@@ -206,6 +210,7 @@ def search_max_batch(
     fit_tolerance: float = FIT_TOLERANCE,
     bracket_tolerance: float = BRACKET_TOLERANCE,
     max_probes: int = MAX_PROBES,
+    min_batch: int = 1,
 ) -> SearchOutcome:
     """The largest ``b ≤ cap`` whose measured step stays within ``limit_bytes``.
 
@@ -222,8 +227,8 @@ def search_max_batch(
     Without ``estimates``, two probes give the line, a third checks it halfway, and real steps
     verify and bracket. ``estimates`` are the probes of a search already run on fake tensors (no
     memory, no compute): they are the line's points, and real steps only verify their answer and
-    bracket from there. The answer is the largest batch a real step fitted at; 0 when not even 1
-    fits.
+    bracket from there. The answer is the largest batch a real step fitted at; 0 when not even
+    ``min_batch`` (the smallest micro-batch the model trains on) fits; no probe goes below it.
 
     >>> from batchpilot.measure._memory import StepMemory
     >>> def fake(b):  # 1 kB fixed, 100 B a sample
@@ -233,6 +238,9 @@ def search_max_batch(
     (490, [4, 32, 125, 490, 499])
     """
     check_positive_int("cap", cap)
+    check_positive_int("min_batch", min_batch)
+    if min_batch > cap:
+        raise BadInputError(f"min_batch: expected at most cap ({cap}), got {min_batch}")
     runs: list[_Run] = []
 
     def overhead() -> float:
@@ -302,7 +310,7 @@ def search_max_batch(
             run(answer, "verify")
     else:
         # 1. Two probes for the line.
-        for batch in sorted({min(cap, b) for b in first_probes}):
+        for batch in sorted({min(cap, max(min_batch, b)) for b in first_probes}):
             if batch < bracket()[1]:
                 run(batch, "fit")
         # 2. Before a long extrapolation, check the line halfway (in log) to its answer.
@@ -321,7 +329,7 @@ def search_max_batch(
     while not closed() and sum(not r.estimated for r in runs) < max_probes:
         fit, (lo, hi) = line(), bracket()
         if fit is None:  # one probe measured at most
-            candidate = 2 * lo if lo else max(1, hi // 4)
+            candidate = 2 * lo if lo else max(min_batch, hi // 4)
         else:
             candidate = fit.max_batch(peak_limit())
             if candidate <= lo:
@@ -345,14 +353,16 @@ def search_max_batch(
                 step_down = bracket_tolerance * 2 ** max(0, out_of_memory_in_a_row - 1)
                 candidate = min(candidate, math.floor(hi * (1 - min(0.5, step_down))))
                 candidate = max(candidate, middle)
-        candidate = max(1, min(max(candidate, lo + 1), hi - 1))
+        candidate = max(min_batch, min(max(candidate, lo + 1), hi - 1))
+        if candidate >= hi:  # nothing left to try between min_batch and a failure
+            break
         verified = any(r.stage == "verify" for r in runs)
         fitted_before = fits(runs[-1]) if runs else None
         step = run(candidate, "bracket" if verified else "verify")
         out_of_memory_in_a_row = out_of_memory_in_a_row + 1 if step is None else 0
         same_side_in_a_row = same_side_in_a_row + 1 if fits(runs[-1]) == fitted_before else 1
-    if bracket()[0] == 0 and not any(r.batch == 1 and not r.estimated for r in runs):
-        run(1, "bracket")  # out of probes with nothing verified: settle whether anything fits
+    if bracket()[0] == 0 and not any(r.batch == min_batch and not r.estimated for r in runs):
+        run(min_batch, "bracket")  # out of probes, nothing verified: settle whether any fits
 
     lo, _ = bracket()
     probes = tuple(
@@ -544,6 +554,12 @@ def find_max_batch(
         task, device=device, mode=mode, model=model, optimizer=optimizer, seed=seed
     ) as probe:
         assert probe.priming is not None
+        smallest_batch = probe.min_micro_batch
+        if smallest_batch > cap:
+            raise BadInputError(
+                f"{capped_by}: the model cannot train on fewer than {smallest_batch} samples per "
+                f"step (a step at micro-batch 1 fails), but the search is capped at {cap}"
+            )
         outcome = search_max_batch(
             probe.measure,
             estimates=estimates,
@@ -551,17 +567,18 @@ def find_max_batch(
             cap=cap,
             on_out_of_memory=probe.release,
             overhead_bytes=probe.priming.overhead_bytes,
+            min_batch=smallest_batch,
         )
         steps = probe.steps
     if outcome.max_batch == 0:
-        smallest = next((p for p in outcome.probes if p.batch == 1), None)
+        smallest = next((p for p in outcome.probes if p.batch == smallest_batch), None)
         need = (
-            f"a step at micro-batch 1 needs {format_bytes(smallest.peak_bytes)}"
+            f"a step at micro-batch {smallest_batch} needs {format_bytes(smallest.peak_bytes)}"
             if smallest is not None and smallest.peak_bytes is not None
-            else "a step at micro-batch 1 ran out of memory"
+            else f"a step at micro-batch {smallest_batch} ran out of memory"
         )
         raise BadInputError(
-            f"budget_bytes: not even a micro-batch of 1 fits: {need}, the limit is "
+            f"budget_bytes: not even a micro-batch of {smallest_batch} fits: {need}, the limit is "
             f"{format_bytes(outcome.peak_limit_bytes)} ({format_bytes(budget)} budget − "
             f"{margin:.0%} margin − {format_bytes(outcome.overhead_bytes)} allocator overhead)"
         )

@@ -43,7 +43,13 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
-from batchpilot.checks import Reduction, check_positive_float, check_positive_int
+from batchpilot.checks import (
+    Reduction,
+    check_positive_float,
+    check_positive_int,
+    check_run_steps,
+    check_trainable,
+)
 from batchpilot.data import batch_size as samples_in
 from batchpilot.data import to_device
 from batchpilot.errors import BadInputError
@@ -896,12 +902,13 @@ def measure_noise_scale(
     (``diverged``). ``on_step(step, loss)`` is called after each step.
     """
     micro = check_split(task, batch=batch, micro_batches=micro_batches)
-    check_positive_int("steps", steps)
+    check_run_steps("steps", steps)
     lr = check_positive_float("lr", lr)
     device = torch.device(device)
     with preserved_rng():
         torch.manual_seed(seed)
         model = task.make_model(device)
+        check_trainable(model)
         model.train()
         optimizer = task.make_optimizer(model.parameters(), lr)
         noise = GradientNoiseScale(

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchpilot.checks import check_positive_int
+from batchpilot.checks import MAX_RUN_STEPS, check_positive_int
 from batchpilot.devices import resolve_device
 from batchpilot.errors import BadInputError
 from batchpilot.loading import load_task
 from batchpilot.plan._split import BatchSplit, split_batch
+from batchpilot.summary import summarize_task
 from batchpilot.sweep.analysis import SweepAnalysis, analyze, batch_scores
 from batchpilot.sweep.budgets import TARGET_OBJECTIVES, Budget, check_objective
 from batchpilot.sweep.executors import Executor, make_executor
@@ -121,6 +122,9 @@ def run_sweep(
         # a sweep timed on a GPU is never resumed on the CPU ("auto" means either). Ray's
         # workers may see devices this machine lacks.
         device = str(resolve_device(device))
+        # One loss evaluation here: a task that cannot train (a non-scalar loss, a frozen model)
+        # is bad input now, not a store of failed trials later.
+        summarize_task(loaded, device=device, seed=seed)
     config = {
         "task": spec,
         "task_name": loaded.name,
@@ -216,7 +220,16 @@ def load_sweep(store: TrialStore | str | Path, name: str | None = None) -> Sweep
     finally:
         if not isinstance(store, TrialStore):
             trial_store.close()
-    return _result(name, trial_store.path, config, trials)
+    try:
+        _check_config(config)
+        return _result(name, trial_store.path, config, trials)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, BadInputError):
+            raise
+        raise BadInputError(
+            f"store: {trial_store.path!r} is damaged: sweep {name!r} cannot be read "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def load_sweeps(store: TrialStore | str | Path) -> list[SweepResult]:
@@ -227,6 +240,22 @@ def load_sweeps(store: TrialStore | str | Path) -> list[SweepResult]:
     finally:
         if not isinstance(store, TrialStore):
             trial_store.close()
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    """Raise ``KeyError``/``TypeError`` unless ``config`` has what a sweep result is read with."""
+    for key in ("task_name", "objective", "strategy", "budget"):
+        if key not in config:
+            raise KeyError(key)
+    strategy, budget = config["strategy"], config["budget"]
+    if not isinstance(strategy, dict) or not isinstance(budget, dict):
+        raise TypeError("strategy and budget must be objects")
+    fields = {"ladder": ("start", "factor"), "grid": ("batches",)}.get(str(strategy.get("kind")))
+    if fields is None:
+        raise ValueError(f"unknown strategy kind {strategy.get('kind')!r}")
+    for key in fields:
+        if key not in strategy:
+            raise KeyError(f"strategy.{key}")
 
 
 def default_name(config: dict[str, Any]) -> str:
@@ -290,6 +319,11 @@ def _specs_for(
         else BatchSplit(batch, 1, 1)
     )
     steps = budget.steps_for(batch, train_size=task.train_size)
+    if steps > MAX_RUN_STEPS:
+        raise BadInputError(
+            f"budget: {float(steps):.3g} optimizer steps at batch {batch}, more than the "
+            f"{MAX_RUN_STEPS:,} a trial may take"
+        )
     warmup_steps = round(plan.warmup_epochs * task.train_size / batch)
     return [
         TrialSpec(

@@ -83,20 +83,41 @@ class SweepRecord:
 class TrialStore:
     """Sweeps and their trials in the SQLite file at ``path`` (``":memory:"`` for a throwaway one)."""
 
-    def __init__(self, path: str | Path, *, timeout_seconds: float = 60.0) -> None:
+    def __init__(
+        self, path: str | Path, *, timeout_seconds: float = 60.0, read_only: bool = False
+    ) -> None:
         self.path = str(path)
+        self.read_only = read_only
         if self.path != ":memory:":
             folder = Path(self.path).parent
             if not folder.is_dir():
                 raise BadInputError(f"store: no such folder {str(folder)!r}")
+            if Path(self.path).is_dir():
+                raise BadInputError(f"store: {self.path!r} is a folder, expected a SQLite file")
+        if read_only and self.path == ":memory:":
+            raise BadInputError("store: an in-memory store cannot be opened read-only")
         try:
-            self._db = sqlite3.connect(
-                self.path, timeout=timeout_seconds, isolation_level=None, check_same_thread=False
-            )
+            if read_only:  # reading commands never change the file, not even its journal mode
+                self._db = sqlite3.connect(
+                    Path(self.path).resolve().as_uri() + "?mode=ro",
+                    uri=True,
+                    timeout=timeout_seconds,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+            else:
+                self._db = sqlite3.connect(
+                    self.path,
+                    timeout=timeout_seconds,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
         except sqlite3.Error as exc:
             raise BadInputError(f"store: cannot open {self.path!r} as SQLite: {exc}") from exc
         try:
-            self._setup(timeout_seconds)
+            self._check_is_store()
+            if not read_only:
+                self._setup(timeout_seconds)
         except BadInputError:
             self._db.close()
             raise
@@ -105,6 +126,30 @@ class TrialStore:
             raise BadInputError(
                 f"store: {self.path!r} is not a batchpilot trial store: {exc}"
             ) from exc
+
+    def _check_is_store(self) -> None:
+        """Refuse a database that holds anything but a batchpilot store (an empty file is fine
+        for writing: it becomes one)."""
+        tables = {
+            row[0]
+            for row in self._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            )
+        }
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if not tables and version == 0 and not self.read_only:
+            return
+        missing = {"sweeps", "trials", "curves"} - tables
+        if missing:
+            raise BadInputError(
+                f"store: {self.path!r} is not a batchpilot trial store (it has no "
+                f"{', '.join(sorted(missing))} table)"
+            )
+        if version != SCHEMA_VERSION:
+            raise BadInputError(
+                f"store: {self.path!r} has schema version {version}, this batchpilot "
+                f"reads version {SCHEMA_VERSION}"
+            )
 
     def _setup(self, timeout_seconds: float) -> None:
         self._db.execute(f"PRAGMA busy_timeout = {int(timeout_seconds * 1000)}")
@@ -170,7 +215,22 @@ class TrialStore:
 
     def sweep_config(self, name: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT config FROM sweeps WHERE name = ?", (name,)).fetchone()
-        return None if row is None else dict(json.loads(row[0]))
+        return None if row is None else self._config(name, row[0])
+
+    def _config(self, name: str, text: Any) -> dict[str, Any]:
+        try:
+            config = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise self._damaged(f"the settings of sweep {name!r}", exc) from exc
+        if not isinstance(config, dict):
+            raise self._damaged(
+                f"the settings of sweep {name!r}", TypeError(f"a {type(config).__name__}")
+            )
+        return config
+
+    def _damaged(self, what: str, exc: BaseException) -> BadInputError:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return BadInputError(f"store: {self.path!r} is damaged: {what} cannot be read ({detail})")
 
     def sweep_names(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT name FROM sweeps ORDER BY created")]
@@ -186,7 +246,7 @@ class TrialStore:
             """
         ).fetchall()
         return [
-            SweepRecord(name, created, json.loads(config), int(done or 0), int(failed or 0))
+            SweepRecord(name, created, self._config(name, config), int(done or 0), int(failed or 0))
             for name, created, config, done, failed in rows
         ]
 
@@ -268,12 +328,25 @@ class TrialStore:
         if status is not None:
             where, args = where + " AND status = ?", [*args, status]
         results = [
-            TrialResult.from_dict({**json.loads(text), "curve": curves.get(trial_key, [])})
+            self._trial(sweep, trial_key, text, curves.get(trial_key, []))
             for trial_key, text in self._db.execute(
                 f"SELECT key, result FROM trials WHERE {where}", args
             )
         ]
-        return sorted(results, key=lambda r: (r.batch, r.lr_factor, r.key))
+        try:
+            return sorted(results, key=lambda r: (r.batch, r.lr_factor, r.key))
+        except TypeError as exc:
+            raise self._damaged(f"the trials of sweep {sweep!r}", exc) from exc
+
+    def _trial(self, sweep: str, key: str, text: Any, curve: list[dict[str, Any]]) -> TrialResult:
+        """One stored trial; a row that does not hold one is reported, not raised as a crash."""
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError(f"a {type(data).__name__}, expected an object")
+            return TrialResult.from_dict({**data, "curve": curve})
+        except (TypeError, ValueError, KeyError) as exc:
+            raise self._damaged(f"trial {key!r} of sweep {sweep!r}", exc) from exc
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

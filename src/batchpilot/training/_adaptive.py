@@ -140,6 +140,9 @@ def recommend_batch(
         batches=[b for b in candidates if b % limits.world_size == 0],
         max_micro_batch=limits.max_micro_batch,
         world_size=limits.world_size,
+        # during training the batch follows goodput alone, as in Pollux: the steps cap guards a
+        # one-off recommendation from a noisy curve, not a controller that re-measures
+        max_steps_ratio=None,
     )
     return plan.recommended_batch
 

@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchpilot.checks import check_positive_float, check_positive_int
+from batchpilot.checks import (
+    MAX_RUN_STEPS,
+    check_positive_float,
+    check_positive_int,
+    check_run_steps,
+    check_trainable,
+)
 from batchpilot.data import batch_size, to_device
 from batchpilot.errors import BadInputError
 from batchpilot.state import preserved_rng
@@ -165,13 +171,20 @@ def train(
     if steps is None:
         assert epochs is not None
         check_positive_float("epochs", epochs)
-        steps = max(1, math.ceil(epochs * task.train_size / global_batch))
-    check_positive_int("steps", steps)
+        planned = epochs * task.train_size / global_batch
+        if planned > MAX_RUN_STEPS:
+            raise BadInputError(
+                f"epochs: {epochs:g} epochs are {planned:.3g} optimizer steps at global batch "
+                f"{global_batch}, more than the {MAX_RUN_STEPS:,} a run may take"
+            )
+        steps = max(1, math.ceil(planned))
+    check_run_steps("steps", steps)
     device = torch.device(device)
 
     with preserved_rng():
         torch.manual_seed(seed)
         model = task.make_model(device)
+        check_trainable(model)
         model.train()
         optimizer = task.make_optimizer(model.parameters(), lr)
         base_lrs = [group["lr"] for group in optimizer.param_groups]
