@@ -195,3 +195,10 @@ def test_a_model_that_cannot_train_on_one_sample_starts_the_ladder_at_two() -> N
     assert any("micro-batch 1 failed" in w for w in curve.warnings)
     with pytest.raises(UserCodeError):  # at a single batch there is nothing to fall back on
         measure_throughput(_task(model), batches=[1], warmup_steps=1, timed_steps=1)
+
+
+def test_a_single_batch_is_timed_without_a_model() -> None:
+    curve = measure_throughput(_task(_Limited(100)), batches=[4], warmup_steps=1, timed_steps=1)
+    assert curve.model is None and [p.batch for p in curve.points] == [4]
+    assert curve.samples_per_second_at(4) == curve.points[0].samples_per_second
+    assert any("no step-time model" in w for w in curve.warnings)

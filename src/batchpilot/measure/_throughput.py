@@ -452,13 +452,19 @@ def measure_throughput(
         raise BadInputError(
             f"batches: even micro-batch {ladder[0]} ran out of memory on {device}; nothing timed"
         )
-    fitted = fit_step_time(timings)
     medians = {b: statistics.median(s) for b, s in timings.samples().items()}
     points = [ThroughputPoint(b, b / medians[b], medians[b]) for b in sorted(medians)]
-    speeds = [ThroughputPoint(p.batch, fitted.samples_per_second_at(p.batch), 0.0) for p in points]
+    # a line needs two batches: with one (a one-sample task, --max-batch 1) the median stands
+    fitted = fit_step_time(timings) if len(points) >= 2 else None
+    speeds = [
+        ThroughputPoint(p.batch, fitted.samples_per_second_at(p.batch), 0.0) if fitted else p
+        for p in points
+    ]
     best = max(speeds, key=lambda p: (p.samples_per_second, -p.batch))
-    if fitted.warning:
+    if fitted is not None and fitted.warning:
         notes.append(fitted.warning)
+    if fitted is None:
+        notes.append(f"Only micro-batch {points[0].batch} was timed: no step-time model.")
     if rounds_disagree(timings):
         notes.append(
             "Timing rounds disagreed by more than 10 %: the machine was busy while measuring "
