@@ -202,6 +202,11 @@ def tune(
     what was measured before it.
     """
     options = options or TuneOptions()
+    if task.train_size < 4:
+        raise BadInputError(
+            f"task: tune needs at least 4 training samples (the range test and the noise scale "
+            f"train at a batch of 2 or more, half the data at most), got {task.train_size}"
+        )
     device = torch.device(options.device)
     conditions = choose_threads(device, threads=options.threads)
     with fixed_threads(conditions.threads):

@@ -427,7 +427,7 @@ def measure_throughput(
                     speed = batch / max(fastest, 1e-12)
                     if stop_when_flat and last_speed:
                         flat_doublings = flat_doublings + 1 if speed < 1.05 * last_speed else 0
-                        if flat_doublings >= _FLAT_DOUBLINGS:
+                        if flat_doublings >= _FLAT_DOUBLINGS and batch != ladder[-1]:
                             notes.append(
                                 f"Speed rose less than 5 % over {_FLAT_DOUBLINGS} doublings up to "
                                 f"micro-batch {batch}: larger batches were not probed."
