@@ -30,7 +30,7 @@ DEFAULT_OUT = Path("batchpilot-demos")
 @app.command(
     "demo",
     help=(
-        "Run a demonstration of what the seed articles claim and say whether it reproduced: "
+        "Run a demonstration of what practitioners' guides claim and say whether it reproduced: "
         f"{', '.join(DEMOS)}. Writes demo-NAME.png and demo-NAME.json to --out. "
         "Example: batchpilot demo xor  (batchpilot demo --list shows them all)"
     ),

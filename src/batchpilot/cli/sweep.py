@@ -1,4 +1,4 @@
-"""``batchpilot sweep``: a batch-size sweep (seed 003's ladder or a grid), and ``sweep show``.
+"""``batchpilot sweep``: a batch-size sweep (the ×0.5 / ×2 ladder or a grid), and ``sweep show``.
 
 ``sweep`` is a command group whose default command is ``run``: ``batchpilot sweep TASK …`` and
 ``batchpilot sweep run TASK …`` are the same, and ``batchpilot sweep show STORE`` lists what a
@@ -70,7 +70,7 @@ sweep_app = typer.Typer(
     name="sweep",
     help=(
         "Train the task at several batch sizes on equal budgets and compare validation results "
-        "(seed 003's ×0.5 / ×2 ladder from 128, or a grid); every finished trial is committed to "
+        "(the practitioners' ×0.5 / ×2 ladder from 128, or a grid); every finished trial is committed to "
         "a SQLite store, and --resume continues an interrupted sweep. "
         "Example: batchpilot sweep --example digits --budget-epochs 3 --start 64; "
         "then: batchpilot sweep show batchpilot-sweeps.sqlite"
@@ -171,7 +171,7 @@ def _lr_plan(
 @sweep_app.command(
     "run",
     help=(
-        "Run (or with --resume, continue) a batch-size sweep. The default: seed 003's ladder from "
+        "Run (or with --resume, continue) a batch-size sweep. The default: the ×0.5 / ×2 ladder from "
         "--start 128 (×0.5 and ×2, then on in the better direction until the validation result "
         "stops improving), 3 epochs per trial, the lr rescaled linearly from the task's reference. "
         "Also callable as `batchpilot sweep TASK …`. "
@@ -182,7 +182,7 @@ def run_command(
     task_spec: TaskArg = None,
     example: ExampleOpt = None,
     strategy: Annotated[
-        str, typer.Option("--strategy", help="ladder (seed 003) or grid.")
+        str, typer.Option("--strategy", help="ladder (×0.5 / ×2 from the start batch) or grid.")
     ] = "ladder",
     start: Annotated[int, typer.Option("--start", help="Ladder: the first batch size.")] = 128,
     factor: Annotated[

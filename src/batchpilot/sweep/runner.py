@@ -99,7 +99,7 @@ def run_sweep(
         task: a spec string (``path/to/file.py:factory`` or ``package.module:factory``, needed by
             the pool and Ray executors) or a :class:`Task` (in-process only).
         budget: what each trial trains for (:class:`Budget`).
-        strategy: :class:`Ladder` (default, seed 003's, from 128) or :class:`Grid`.
+        strategy: :class:`Ladder` (default: the ×0.5 / ×2 ladder from 128) or :class:`Grid`.
         lr: how each trial's lr is chosen (default: the linear rule from the task's reference).
         objective: what the strategy compares: ``val_metric`` (default when the task has a metric),
             ``val_loss``, ``steps_to_target``, ``samples_to_target`` or ``seconds_to_target``.
