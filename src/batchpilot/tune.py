@@ -1,9 +1,11 @@
 """``tune``: from a task to one recommendation, running every measurement in order.
 
 memory limit → throughput curve → LR range test at a reference batch → noise scale during a short
-training at that lr → goodput → recommendation → (optional) verification runs at ×0.5, ×1 and ×2 of
-the recommended batch, the practitioners' halve-or-double check. Each phase's own result is kept, so the report can
-show the evidence behind every number.
+training at that lr, its window set by the run's own progress → goodput → recommendation → the lr
+checked by short runs at the recommended batch (√2 grid around the rule's lr) → (optional)
+verification runs at ×0.5, ×1 and ×2 of the recommended batch, the practitioners'
+halve-or-double check. Each phase's own result is kept, so the report can show the evidence
+behind every number.
 """
 
 from __future__ import annotations
@@ -19,18 +21,27 @@ import torch
 from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.errors import BadInputError, BatchpilotError
 from batchpilot.measure._hygiene import MeasurementConditions, choose_threads, fixed_threads
-from batchpilot.measure._lr_range import LRFinderResult, find_lr
+from batchpilot.measure._lr_check import LrCheck, check_lr, with_adam_scaling
+from batchpilot.measure._lr_range import LRFinderResult, find_lr, stability_edge
 from batchpilot.measure._memory_search import MaxBatchResult, find_max_batch
 from batchpilot.measure._noise import NoiseScaleResult, measure_noise_scale
 from batchpilot.measure._throughput import ThroughputCurve, measure_throughput
 from batchpilot.plan._lr_rule import lr_for_batch
-from batchpilot.plan._recommend import Recommendation, recommend
+from batchpilot.plan._recommend import Recommendation, recommend, with_checked_lr
 from batchpilot.plan._split import split_batch
 from batchpilot.summary import TaskSummary, summarize_task
 from batchpilot.task import Task
 from batchpilot.training._loop import train
 
-PHASES = ("memory", "throughput", "lr range test", "noise scale", "recommendation", "verify")
+PHASES = (
+    "memory",
+    "throughput",
+    "lr range test",
+    "noise scale",
+    "recommendation",
+    "lr check",
+    "verify",
+)
 
 # The whole run's default wall-clock budget: every phase is sized to fit in it.
 DEFAULT_TIME_BUDGET_SECONDS = 60.0
@@ -77,8 +88,10 @@ class TuneOptions:
     lr_repeats: int = 3
     min_lr: float = 1e-6
     max_lr: float = 10.0
-    noise_steps: int = 200
+    noise_steps: int = 2000
     noise_micro_batches: int = 4
+    check_lr: bool = True
+    check_seeds: int = 3
     verify: bool = False
     verify_epochs: float = 5.0
     time_budget_seconds: float | None = DEFAULT_TIME_BUDGET_SECONDS
@@ -90,6 +103,7 @@ class TuneOptions:
         check_positive_int("lr_steps", self.lr_steps)
         check_positive_int("lr_repeats", self.lr_repeats)
         check_positive_int("noise_steps", self.noise_steps)
+        check_positive_int("check_seeds", self.check_seeds)
         check_positive_float("verify_epochs", self.verify_epochs)
         if self.noise_micro_batches < 2:
             raise BadInputError(
@@ -151,6 +165,7 @@ class TuneResult:
     noise: NoiseScaleResult | None
     recommendation: Recommendation
     verification: Verification | None
+    lr_check: LrCheck | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     conditions: MeasurementConditions | None = None
@@ -165,6 +180,7 @@ class TuneResult:
             "lr_find": self.lr_find.to_dict(),
             "noise": None if self.noise is None else self.noise.to_dict(),
             "verification": None if self.verification is None else self.verification.to_dict(),
+            "lr_check": None if self.lr_check is None else self.lr_check.to_dict(),
             "phase_seconds": dict(self.phase_seconds),
             "notes": list(self.notes),
             "conditions": None if self.conditions is None else self.conditions.to_dict(),
@@ -346,6 +362,16 @@ def _tune(
         ),
     )
     good_lr = options.lr or lr_find_result.suggestion or task.reference_lr
+    edge = stability_edge(lr_find_result)
+    if good_lr is None and edge is not None and options.check_lr:
+        # No descent and no lr known: an order of magnitude below where the test broke down
+        # (or its top), as Smith (2017) reads a range test; the check at the batch corrects it.
+        good_lr = edge / 10
+        notes.append(
+            f"The range test found no descent ({lr_find_result.message}) and the task has no "
+            f"reference lr: training started from {good_lr:.3g}, a tenth of {edge:.3g} where the "
+            "test stopped, and the lr check at the recommended batch chose the lr."
+        )
     if good_lr is None:
         raise TuneIncomplete(
             "lr range test",
@@ -355,7 +381,7 @@ def _tune(
             ),
             partial,
         )
-    if options.lr is None and lr_find_result.suggestion is None:
+    if options.lr is None and lr_find_result.suggestion is None and task.reference_lr:
         notes.append(
             f"The range test found no descent ({lr_find_result.message}); the task's reference lr "
             f"{good_lr:g} was used."
@@ -366,7 +392,8 @@ def _tune(
         # fit's estimate misses evaluation, data loading and load that came since)
         per_step = seconds["lr range test"] / max(lr_steps * lr_repeats, 1)
         left = budget - (time.perf_counter() - started)
-        share = 0.5 if options.verify else 0.8
+        share = _later_shares(options)["noise scale"]
+        noise_seconds = max(share * left, 1.0)
         noise_step = per_step * _noise_step_cost(
             throughput, reference_batch, micro_batches_for(options, reference_batch)
         )
@@ -378,6 +405,8 @@ def _tune(
             )
             noise_steps = affordable
 
+    else:
+        noise_seconds = None
     micro_batches = micro_batches_for(options, reference_batch)
     noise: NoiseScaleResult | None = None
     bar.start("noise scale", noise_steps)
@@ -393,14 +422,21 @@ def _tune(
                 device=device,
                 seed=options.seed,
                 on_step=lambda step, loss: bar.update("noise scale", step + 1),
+                window=True,
+                time_budget_seconds=noise_seconds,
             ),
         )
     else:
         notes.append(f"Batch {reference_batch} cannot be split in micro-batches: no noise scale.")
     noise_scale = None
-    if noise is not None and math.isfinite(noise.noise_scale) and noise.noise_scale > 0:
-        noise_scale = noise.noise_scale
-    bar.finish("noise scale", f"B_noise ≈ {noise_scale:.0f}" if noise_scale else "not measured")
+    if noise is not None and math.isfinite(noise.plan_noise_scale) and noise.plan_noise_scale > 0:
+        noise_scale = noise.plan_noise_scale
+    bar.finish(
+        "noise scale",
+        f"B_crit ≈ {noise_scale:.0f} over {noise.window_steps} steps"
+        if noise is not None and noise_scale
+        else "not measured",
+    )
 
     bar.start("recommendation", 1)
     betas, eps = _optimizer_defaults(task)
@@ -422,9 +458,44 @@ def _tune(
             has_batchnorm=summary.has_batchnorm,
             noise_lr=None if noise is None else noise.lr,
             max_global_batch=options.max_batch * options.world_size if options.max_batch else None,
+            noise_interval=None if noise is None or noise_scale is None else noise.plan_interval,
+            window_steps=None if noise is None else noise.window_steps,
+            stable_lr=edge,
         ),
     )
     bar.finish("recommendation", f"batch {recommendation.global_batch}, lr {recommendation.lr:.3g}")
+
+    lr_checked: LrCheck | None = None
+    if options.check_lr:
+        plain_step = seconds["lr range test"] / max(lr_steps * lr_repeats, 1)
+        check_budget = None
+        if budget is not None:
+            left = budget - (time.perf_counter() - started)
+            check_budget = max(_later_shares(options, after_noise=True)["lr check"] * left, 1.0)
+        lr_checked = timed(
+            "lr check",
+            lambda: _check(
+                task,
+                recommendation,
+                options,
+                max_micro,
+                throughput,
+                reference_step=plain_step,
+                fallback_steps=options.lr_steps if noise is None else noise.window_steps,
+                budget=check_budget,
+                notes=notes,
+                bar=bar,
+            ),
+        )
+        assert lr_checked is not None
+        recommendation = with_checked_lr(
+            recommendation,
+            lr_checked.lr,
+            reason=lr_checked.reason,
+            verified_runs=lr_checked.seeds if lr_checked.stable else 0,
+            stable_lr=edge,
+        )
+        partial["recommendation"] = recommendation.to_dict()
 
     verification = None
     if options.verify:
@@ -458,10 +529,86 @@ def _tune(
         noise=noise,
         recommendation=recommendation,
         verification=verification,
+        lr_check=lr_checked,
         phase_seconds=seconds,
         notes=tuple(notes),
         conditions=conditions,
     )
+
+
+def _later_shares(options: TuneOptions, *, after_noise: bool = False) -> dict[str, float]:
+    """How the time left after the range test (``after_noise``: after the noise scale) is shared
+    among the phases still to run."""
+    weights = {
+        "noise scale": 0.0 if after_noise else 0.35,
+        "lr check": 0.35 if options.check_lr else 0.0,
+        "verify": 0.3 if options.verify else 0.0,
+    }
+    total = sum(weights.values()) or 1.0
+    return {phase: weight / total for phase, weight in weights.items()}
+
+
+def _check(
+    task: Task,
+    recommendation: Recommendation,
+    options: TuneOptions,
+    max_micro: int,
+    throughput: ThroughputCurve,
+    *,
+    reference_step: float,
+    fallback_steps: int,
+    budget: float | None,
+    notes: list[str],
+    bar: TuneProgress,
+) -> LrCheck:
+    """Short runs at the recommended batch around the rule's lr (:func:`check_lr`), sized to the
+    steps the plan predicts to the target and to the time left."""
+    batch = min(recommendation.global_batch, task.train_size)
+    split = split_batch(batch, max_micro_batch=max_micro, speed=throughput)
+    reference = recommendation.reference_batch
+    if recommendation.predicted_steps is not None and math.isfinite(recommendation.predicted_steps):
+        steps = recommendation.predicted_steps
+    else:  # no noise scale: the window's samples again
+        steps = fallback_steps * reference / batch
+    steps_wanted = max(10, min(round(steps), 100_000))
+    steps = steps_wanted
+    seeds = options.check_seeds
+    # a step at the batch, from the fit, scaled by how the range test's real steps compared
+    fit_reference = reference / max(throughput.samples_per_second_at(reference), 1e-12)
+    fit_batch = (
+        split.accumulation_steps
+        * split.micro_batch
+        / max(throughput.samples_per_second_at(split.micro_batch), 1e-12)
+    )
+    step_seconds = fit_batch * max(1.0, reference_step / max(fit_reference, 1e-12))
+    if budget is not None:
+        while seeds > 1 and 3 * seeds * steps * step_seconds > budget:
+            seeds -= 1
+        if 3 * seeds * steps * step_seconds > budget:
+            steps = max(10, int(budget / (3 * step_seconds)))
+        if (seeds, steps) != (options.check_seeds, steps_wanted):
+            notes.append(
+                f"lr check: {seeds} seed(s) × {steps} steps per lr instead of "
+                f"{options.check_seeds} × {steps_wanted}, to stay within the time budget."
+            )
+    checked_task = task
+    if recommendation.lr_rule == "adam":
+        checked_task = with_adam_scaling(task, ref_batch=reference, batch=batch)
+    bar.start("lr check", 3 * seeds)
+    result = check_lr(
+        checked_task,
+        rule_lr=recommendation.lr,
+        micro_batch=split.micro_batch,
+        accumulation_steps=split.accumulation_steps,
+        steps=steps,
+        seeds=seeds,
+        seed=options.seed,
+        device=options.device,
+        time_budget_seconds=budget,
+        on_run=lambda done: bar.update("lr check", done * seeds),
+    )
+    bar.finish("lr check", f"lr {result.lr:.3g} ({'rule' if result.kept_rule else 'checked'})")
+    return result
 
 
 def micro_batches_for(options: TuneOptions, batch: int) -> int:
@@ -499,7 +646,10 @@ def _fit_budget(
         return lr_steps, repeats, noise_steps, verify_epochs
     step_seconds = batch / max(throughput.samples_per_second_at(batch), 1e-9)
     left = max(options.time_budget_seconds - spent, 0.0)
-    shares = (0.4, 0.3, 0.3) if options.verify else (0.55, 0.45, 0.0)
+    if options.check_lr:
+        shares = (0.2, 0.25, 0.25) if options.verify else (0.3, 0.35, 0.0)
+    else:
+        shares = (0.4, 0.3, 0.3) if options.verify else (0.55, 0.45, 0.0)
     lr_budget = int(shares[0] * left / step_seconds)
     while repeats > 1 and lr_steps * repeats > lr_budget:
         repeats -= 1
@@ -545,9 +695,10 @@ def _verify(
     for done, global_batch in enumerate(ladder):
         # one device stands in for world_size devices: the same global batch by accumulation
         split = split_batch(global_batch, max_micro_batch=max_micro, speed=throughput)
+        # from the final lr at the recommended batch (checked, when the check ran)
         lr = lr_for_batch(
-            recommendation.reference_lr,
-            ref_batch=recommendation.reference_batch,
+            recommendation.lr,
+            ref_batch=recommendation.global_batch,
             batch=global_batch,
             optimizer=summary.optimizer,
             reduction=task.reduction,

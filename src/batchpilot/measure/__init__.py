@@ -8,6 +8,7 @@ imports: ``from batchpilot.measure import find_max_batch, measure_throughput``.
 - ``_throughput`` (samples per second against the micro-batch);
 - ``_lr_range`` (the range-test loop and its verification) and ``_lr_suggest`` (pure rules that
   read an lr off a curve);
+- ``_lr_check`` (short runs around a scaling rule's lr at the batch it will train with);
 - ``_noise`` (the gradient noise scale: pure estimates, the stateful estimator, the loop).
 """
 
@@ -18,6 +19,14 @@ from batchpilot.measure._hygiene import (
     busy_cores,
     choose_threads,
     fixed_threads,
+)
+from batchpilot.measure._lr_check import (
+    GRID_FACTOR,
+    LrCheck,
+    LrTrial,
+    check_lr,
+    grid_point,
+    with_adam_scaling,
 )
 from batchpilot.measure._lr_range import (
     DEFAULT_METHOD,
@@ -89,6 +98,7 @@ from batchpilot.measure._noise import (
     NoiseScalePoint,
     NoiseScaleResult,
     NoiseScaleWarning,
+    PlanQuantity,
     check_split,
     critical_batch_over_run,
     measure_noise_scale,
@@ -118,6 +128,7 @@ from batchpilot.measure._throughput import (
 
 __all__ = [
     "DEFAULT_METHOD",
+    "GRID_FACTOR",
     "MEMORY_MODES",
     "METHODS",
     "MIN_DROP",
@@ -135,6 +146,8 @@ __all__ = [
     "CandidateCheck",
     "GradientNoiseScale",
     "LRFinderResult",
+    "LrCheck",
+    "LrTrial",
     "MachineLoad",
     "MaxBatchResult",
     "MeasurementConditions",
@@ -146,6 +159,7 @@ __all__ = [
     "NoiseScalePoint",
     "NoiseScaleResult",
     "NoiseScaleWarning",
+    "PlanQuantity",
     "Probe",
     "RangeRun",
     "RoundingCost",
@@ -163,6 +177,7 @@ __all__ = [
     "available_memory",
     "batch_ladder",
     "busy_cores",
+    "check_lr",
     "check_method",
     "check_split",
     "choose_threads",
@@ -175,6 +190,7 @@ __all__ = [
     "fit_step_time",
     "fixed_threads",
     "format_bytes",
+    "grid_point",
     "knee",
     "largest_sample_index",
     "lr_schedule",
@@ -203,4 +219,5 @@ __all__ = [
     "verification_candidates",
     "verify_ladder",
     "verify_suggestions",
+    "with_adam_scaling",
 ]

@@ -35,7 +35,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,7 @@ from batchpilot.data import to_device
 from batchpilot.errors import BadInputError
 from batchpilot.state import preserved_rng
 from batchpilot.task import Task
+from batchpilot.training._loop import evaluate
 from batchpilot.training._loop import micro_batches as micro_batch_source
 
 # Per-step values wait on the device and are read back in groups: one host sync per flush, not
@@ -649,22 +650,32 @@ class GradientNoiseScale:
         self._flush()
         return tuple(self._history)
 
-    def estimate(self) -> NoiseScaleEstimate:
-        """The current estimate: bias-corrected EMAs of ``|G|²`` and ``tr(Σ)`` and their ratio."""
+    def estimate(self, *, up_to: int | None = None) -> NoiseScaleEstimate:
+        """The current estimate: bias-corrected EMAs of ``|G|²`` and ``tr(Σ)`` and their ratio.
+
+        ``up_to``: the estimate as it stood after optimizer step ``up_to`` (counted from 1), from
+        the steps observed until then.
+        """
         self._flush()
-        if not self._steps:
+        kept = len(self._steps)
+        if up_to is not None:
+            kept = sum(1 for step in self._steps if step <= up_to)
+        if not kept:
             nan = math.nan
             return NoiseScaleEstimate(nan, (nan, nan), nan, nan, 0, self._skipped, self._unobserved)
         _, interval = ratio_interval(
-            self._gradient_sq, self._traces, ema_decay=self.ema_decay, block_steps=self.block_steps
+            self._gradient_sq[:kept],
+            self._traces[:kept],
+            ema_decay=self.ema_decay,
+            block_steps=self.block_steps,
         )
-        last = self._history[-1]
+        last = self._history[kept - 1]
         return NoiseScaleEstimate(
             noise_scale=last.noise_scale,
             noise_scale_interval=interval,
             gradient_sq_norm=last.gradient_sq_norm,
             trace_covariance=last.trace_covariance,
-            steps=len(self._steps),
+            steps=kept,
             skipped_steps=self._skipped,
             unobserved_steps=self._unobserved,
         )
@@ -825,9 +836,41 @@ def critical_batch_over_run(
 # ----------------------------------------------------------------------------- measurement
 
 
+# The window of a measuring run (``window=True``). The progress signal is the loss on the first
+# EVAL_SAMPLES validation samples (the training loss when the task has none), evaluated after
+# every step up to step 10, then every WINDOW_SPACING of the steps so far: ~24 points per decade
+# of steps, fine enough for a task that reaches its best in 15 steps and cheap for one that needs
+# thousands.
+EVAL_SAMPLES = 512
+WINDOW_SPACING = 0.2
+# The run stops early once the progress signal has clearly risen from its best (the mean of its
+# last 3 points above the best by 3 times its noise about the trend since) while the training
+# loss kept falling (by 2 standard errors; overfitting, not a plateau's wander), no sooner than half again as many
+# steps as it took to reach its best: early stopping on overfitting, its patience relative to the
+# task's own pace instead of a fixed count.
+WINDOW_PATIENCE = 1.5
+# The shortest window: 1.5 time constants of the default moving averages (1 / (1 − 0.95) = 20
+# steps), and past the first quick drop of a loss that then sits on a plateau for a while.
+MIN_WINDOW_STEPS = 30
+
+PlanQuantity = Literal["critical batch over the window", "noise scale at the end of the window"]
+
+
 @dataclass(frozen=True)
 class NoiseScaleResult:
-    """The noise scale measured during a short training run of a task."""
+    """The noise scale measured during a short training run of a task.
+
+    ``noise_scale`` and its interval are the estimate at the end of the *window*: with
+    ``window=True`` the steps up to the best value of the progress signal (once it fell by more
+    than its jitter), else the whole run; ``plateau`` says the run stopped because the signal rose
+    after its best. ``critical_batch`` is the progress-weighted noise
+    scale over the window (:func:`critical_batch_over_run`), the ``B_crit`` of
+    ``S(B) = S_min (1 + B_crit/B)`` for the loss the window ended at. ``plan_noise_scale`` is the
+    one a plan should use — that critical batch (``plan_quantity`` says so; without one, the noise
+    scale at the window's end) — and ``plan_interval`` its approximate 95 % interval. When the
+    window ends at the run's last step the loss was still falling: the noise scale grows as
+    training goes on, so the critical batch of a longer run is larger.
+    """
 
     task: str
     batch: int
@@ -846,14 +889,98 @@ class NoiseScaleResult:
     seconds: float
     diverged: bool
     warnings: tuple[str, ...]
+    window_steps: int = 0
+    window_reason: str = ""
+    plateau: bool = False
+    progress: tuple[tuple[int, float], ...] = ()
+    progress_split: str = "train"
+    plan_noise_scale: float = math.nan
+    plan_interval: tuple[float, float] = (math.nan, math.nan)
+    plan_quantity: PlanQuantity = "noise scale at the end of the window"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["noise_scale_interval"] = list(self.noise_scale_interval)
+        data["plan_interval"] = list(self.plan_interval)
         data["history"] = [asdict(point) for point in self.history]
         data["train_losses"] = list(self.train_losses)
+        data["progress"] = [list(point) for point in self.progress]
         data["warnings"] = list(self.warnings)
         return data
+
+
+class _Window:
+    """Decides a measuring run's window from its progress signal: where it was best, and whether
+    it has clearly turned up since (overfitting)."""
+
+    def __init__(self, *, min_steps: int) -> None:
+        self.min_steps = min_steps
+        self.points: list[tuple[int, float]] = []
+        self.best: tuple[int, float] | None = None
+        self.next_eval = 1
+
+    def due(self, step: int) -> bool:
+        return step >= self.next_eval
+
+    def add(self, step: int, loss: float, train_losses: Sequence[float] = ()) -> bool:
+        """Record the signal after ``step``; True when it has clearly risen since its best while
+        the training loss (``train_losses``, one per step so far) kept falling: overfitting, not
+        the wander of a loss on a plateau."""
+        self.points.append((step, loss))
+        self.next_eval = step + max(1, int(WINDOW_SPACING * step))
+        if math.isfinite(loss) and (self.best is None or loss < self.best[1]):
+            self.best = (step, loss)
+        if self.best is None or step < max(self.min_steps, WINDOW_PATIENCE * self.best[0]):
+            return False
+        after = [v for s, v in self.points if s > self.best[0]]
+        if len(after) < 3 or not all(math.isfinite(v) for v in after) or not self.progressed():
+            return False
+        if sum(after[-3:]) / 3 - self.best[1] <= 3 * _jitter([self.best[1], *after]):
+            return False
+        return not train_losses or _still_falling(train_losses, self.best[0])
+
+    def progressed(self) -> bool:
+        """Whether the signal fell by more than its own jitter: the drop from the first point to
+        the best exceeds 3 times the noise about its trend (:func:`_jitter`). A loss that sits on
+        a plateau (or an lr too low to move it) is no window's end."""
+        if self.best is None or len(self.points) < 3:
+            return False
+        values = [v for _, v in self.points if math.isfinite(v)]
+        return self.points[0][1] - self.best[1] > 3 * _jitter(values)
+
+    def end(self, steps_run: int) -> int:
+        """The window's last step: the signal's best (once it fell for real), else the run's end."""
+        if self.best is None or not self.progressed():
+            return steps_run
+        return min(steps_run, max(self.best[0], self.min_steps))
+
+
+def _still_falling(losses: Sequence[float], since: int) -> bool:
+    """Whether the mean training loss of the steps after step ``since`` is below that of as many
+    steps before it by more than 2 standard errors."""
+    after = list(losses[since:])
+    before = list(losses[max(0, since - len(after)) : since])
+    if len(after) < 2 or len(before) < 2:
+        return False
+
+    def mean_var(values: list[float]) -> tuple[float, float]:
+        mean = sum(values) / len(values)
+        return mean, sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)
+
+    (m_after, v_after), (m_before, v_before) = mean_var(after), mean_var(before)
+    return m_after < m_before - 2 * math.sqrt(v_after + v_before)
+
+
+def _jitter(values: Sequence[float]) -> float:
+    """The noise of a series about its trend: the standard deviation implied by the median
+    absolute second difference (white noise of σ has second differences of σ√6, median
+    0.6745·σ√6), blind to a steady rise or fall."""
+    seconds = sorted(
+        abs(c - 2 * b + a) for a, b, c in zip(values, values[1:], values[2:], strict=False)
+    )
+    if not seconds:
+        return 0.0
+    return seconds[len(seconds) // 2] / (0.6745 * math.sqrt(6.0))
 
 
 def check_split(task: Task, *, batch: int, micro_batches: int) -> int:
@@ -881,6 +1008,41 @@ def check_split(task: Task, *, batch: int, micro_batches: int) -> int:
     return batch // micro_batches
 
 
+def _plan_noise(
+    noise: GradientNoiseScale, critical: float, window_end: int, plateau: bool
+) -> tuple[PlanQuantity, float, tuple[float, float]]:
+    """The noise scale a plan should use, which one it is, and its interval.
+
+    The window's critical batch, with the relative interval of the window's pooled ratio
+    ``Σ tr(Σ) / Σ |G|²`` (its steps unweighted, blocks for correlation): an average over the
+    window is far steadier than the moving average at its end. Without a measurable critical
+    batch, the noise scale at the end and its interval.
+    """
+    kept = sum(1 for step in noise._steps if step <= window_end)
+    if kept and math.isfinite(critical) and critical > 0:
+        pooled, (low, high) = ratio_interval(
+            noise._gradient_sq[:kept],
+            noise._traces[:kept],
+            ema_decay=1.0,
+            block_steps=noise.block_steps,
+        )
+        if math.isfinite(pooled) and pooled > 0:
+            return (
+                "critical batch over the window",
+                critical,
+                (
+                    critical * low / pooled,
+                    critical * high / pooled,
+                ),
+            )
+    estimate = noise.estimate(up_to=window_end)
+    return (
+        "noise scale at the end of the window",
+        estimate.noise_scale,
+        estimate.noise_scale_interval,
+    )
+
+
 def measure_noise_scale(
     task: Task,
     *,
@@ -893,18 +1055,36 @@ def measure_noise_scale(
     ema_decay: float = DEFAULT_EMA_DECAY,
     block_steps: int = DEFAULT_BLOCK_STEPS,
     on_step: Callable[[int, float], None] | None = None,
+    window: bool = False,
+    min_steps: int = MIN_WINDOW_STEPS,
+    time_budget_seconds: float | None = None,
 ) -> NoiseScaleResult:
-    """Train a fresh model of ``task`` for ``steps`` steps at global ``batch`` and learning rate
-    ``lr``, splitting each batch into ``micro_batches`` equal micro-batches (accumulated, so the step
-    is the step at ``batch``), and return the noise scale measured along the way.
+    """Train a fresh model of ``task`` for up to ``steps`` steps at global ``batch`` and learning
+    rate ``lr``, splitting each batch into ``micro_batches`` equal micro-batches (accumulated, so
+    the step is the step at ``batch``), and return the noise scale measured along the way.
+
+    With ``window=True`` the run's own progress decides its length: the loss on the first
+    ``EVAL_SAMPLES`` validation samples (the training loss without validation data) is followed
+    on a geometric schedule; the window ends at the signal's best step (at least ``min_steps``),
+    and the run stops early once the signal has clearly risen from that best, no sooner than
+    ``WINDOW_PATIENCE`` times the steps it took to get there, while the training loss kept
+    falling (overfitting, not the wander of a loss on a plateau). A fast task is measured where it
+    reaches its best, not after it has begun to overfit; a slow one runs until ``steps`` or
+    ``time_budget_seconds``. A signal that has not fallen by more than its own jitter (a plateau,
+    or an lr too low to move it) keeps the whole run as the window.
 
     The run draws from ``seed`` and leaves the caller's RNG as it was. A non-finite loss stops it
     (``diverged``). ``on_step(step, loss)`` is called after each step.
     """
     micro = check_split(task, batch=batch, micro_batches=micro_batches)
     check_run_steps("steps", steps)
+    check_positive_int("min_steps", min_steps)
     lr = check_positive_float("lr", lr)
+    if time_budget_seconds is not None:
+        check_positive_float("time_budget_seconds", time_budget_seconds)
     device = torch.device(device)
+    split = "val" if task.val_data is not None else "train"
+    tracker = _Window(min_steps=min_steps)
     with preserved_rng():
         torch.manual_seed(seed)
         model = task.make_model(device)
@@ -921,8 +1101,10 @@ def measure_noise_scale(
         )
         source = micro_batch_source(task, micro, seed=seed)
         losses: list[float] = []
-        diverged = False
+        diverged = plateau = False
+        reason = f"the step limit, {steps} steps"
         start = time.perf_counter()
+        since_eval: list[float] = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NoiseScaleWarning)  # kept in the result instead
             for step in range(steps):
@@ -940,15 +1122,42 @@ def measure_noise_scale(
                 mean_loss = total / samples
                 if not math.isfinite(mean_loss):
                     diverged = True
+                    reason = f"divergence at step {step + 1}"
                     break
                 noise.finish_step()
                 optimizer.step()
                 losses.append(mean_loss)
+                since_eval.append(mean_loss)
                 if on_step is not None:
                     on_step(step, mean_loss)
+                done = step + 1
+                if window and tracker.due(done):
+                    if split == "val":
+                        signal = evaluate(task, model, device=device, max_samples=EVAL_SAMPLES).loss
+                    else:
+                        signal = sum(since_eval) / len(since_eval)
+                    since_eval = []
+                    if tracker.add(done, signal, losses if split == "val" else ()):
+                        plateau = True
+                        assert tracker.best is not None
+                        reason = (
+                            f"the {split} loss rose after step {tracker.best[0]} (overfitting; "
+                            f"no lower value in the {done - tracker.best[0]} steps since)"
+                        )
+                        break
+                if (
+                    time_budget_seconds is not None
+                    and time.perf_counter() - start > time_budget_seconds
+                ):
+                    reason = f"the time budget, {time_budget_seconds:.3g} s"
+                    break
         seconds = time.perf_counter() - start
-        estimate = noise.estimate()
+        window_end = tracker.end(len(losses)) if window else len(losses)
+        estimate = noise.estimate(up_to=window_end)
         history = noise.history
+        in_window = tuple(p for p in history if p.step <= window_end)
+        critical = critical_batch_over_run(in_window, batch=batch, dataset_size=task.train_size)
+        quantity, planned, interval = _plan_noise(noise, critical, window_end, plateau)
         noise.release()
         del model, optimizer
     return NoiseScaleResult(
@@ -960,7 +1169,7 @@ def measure_noise_scale(
         steps=len(losses),
         noise_scale=estimate.noise_scale,
         noise_scale_interval=estimate.noise_scale_interval,
-        critical_batch=critical_batch_over_run(history, batch=batch, dataset_size=task.train_size),
+        critical_batch=critical,
         gradient_sq_norm=estimate.gradient_sq_norm,
         trace_covariance=estimate.trace_covariance,
         skipped_steps=estimate.skipped_steps,
@@ -969,6 +1178,14 @@ def measure_noise_scale(
         seconds=seconds,
         diverged=diverged,
         warnings=tuple(noise.warnings),
+        window_steps=window_end,
+        window_reason=reason,
+        plateau=plateau,
+        progress=tuple(tracker.points),
+        progress_split=split,
+        plan_noise_scale=planned,
+        plan_interval=interval,
+        plan_quantity=quantity,
     )
 
 
@@ -978,6 +1195,7 @@ __all__ = [
     "NoiseScalePoint",
     "NoiseScaleResult",
     "NoiseScaleWarning",
+    "PlanQuantity",
     "check_split",
     "critical_batch_over_run",
     "measure_noise_scale",

@@ -20,6 +20,7 @@ from batchpilot.plan._goodput import (
     GoodputPlan,
     GoodputPoint,
     plan_goodput,
+    predicted_steps,
     samples_to_target_ratio,
     statistical_efficiency,
     steps_to_target_ratio,
@@ -27,10 +28,12 @@ from batchpilot.plan._goodput import (
 from batchpilot.plan._lr_rule import (
     GOYAL_WARMUP_EPOCHS,
     RULES,
+    WARMUP_MAX_FRACTION,
     AdamScaling,
     BatchLr,
     Rule,
     RuleChoice,
+    Warmup,
     adam_kappa_limit,
     check_rule,
     default_warmup_epochs,
@@ -40,12 +43,14 @@ from batchpilot.plan._lr_rule import (
     scale_adam,
     scale_beta,
     scale_lr,
+    warmup_from_evidence,
 )
 from batchpilot.plan._recommend import (
     Advice,
     Recommendation,
     advise,
     recommend,
+    with_checked_lr,
 )
 from batchpilot.plan._scaling import (
     ScalePlan,
@@ -67,6 +72,7 @@ __all__ = [
     "RULES",
     "SPEED_TIE",
     "TIE_SIGMAS",
+    "WARMUP_MAX_FRACTION",
     "AccumulationPlan",
     "AdamScaling",
     "Advice",
@@ -79,6 +85,7 @@ __all__ = [
     "RuleChoice",
     "ScalePlan",
     "SupportsThroughput",
+    "Warmup",
     "adam_kappa_limit",
     "advise",
     "check_rule",
@@ -90,6 +97,7 @@ __all__ = [
     "plan_accumulation",
     "plan_goodput",
     "plan_scaling",
+    "predicted_steps",
     "recommend",
     "samples_to_target_ratio",
     "scale_adam",
@@ -99,5 +107,7 @@ __all__ = [
     "statistical_efficiency",
     "steps_per_epoch",
     "steps_to_target_ratio",
+    "warmup_from_evidence",
     "warmup_steps",
+    "with_checked_lr",
 ]

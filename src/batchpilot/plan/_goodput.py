@@ -86,6 +86,41 @@ def steps_to_target_ratio(batch: float, *, noise_scale: float) -> float:
     return 1.0 + _check_noise_scale(noise_scale) / batch
 
 
+def predicted_steps(
+    steps: float,
+    *,
+    from_batch: int,
+    to_batch: int,
+    critical_batch: float,
+    dataset_size: int | None = None,
+) -> float:
+    """Steps at ``to_batch`` to the loss that ``steps`` steps at ``from_batch`` reached, by
+    ``S(B) = S_min (1 + B_crit/B)`` (McCandlish et al. 2018), with the finite-population factor
+    ``(N − B)/(B (N − 1))`` in place of ``1/B`` when ``dataset_size`` N is given.
+
+    >>> predicted_steps(100, from_batch=10, to_batch=1000, critical_batch=10.0)
+    50.5
+    """
+    check = _check_batch
+
+    def noise_factor(batch: int) -> float:
+        batch = int(check("batch", batch))
+        if dataset_size is None:
+            return 1.0 / batch
+        if dataset_size <= 1 or batch >= dataset_size:
+            return 0.0
+        return (dataset_size - batch) / (batch * (dataset_size - 1))
+
+    critical = _check_noise_scale(critical_batch)
+    if math.isinf(critical):
+        return steps * from_batch / to_batch  # pure noise: only the samples count
+    return (
+        steps
+        * (1.0 + critical * noise_factor(to_batch))
+        / (1.0 + critical * noise_factor(from_batch))
+    )
+
+
 def samples_to_target_ratio(batch: float, *, noise_scale: float) -> float:
     """``E(B) / E_min = 1 + B / B_noise``: how many more samples than the fewest possible.
 
@@ -419,6 +454,7 @@ __all__ = [
     "GoodputPlan",
     "GoodputPoint",
     "plan_goodput",
+    "predicted_steps",
     "samples_to_target_ratio",
     "statistical_efficiency",
     "steps_to_target_ratio",

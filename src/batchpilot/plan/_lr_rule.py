@@ -297,13 +297,103 @@ def default_warmup_epochs(lr: float, ref_lr: float) -> float:
     return GOYAL_WARMUP_EPOCHS if lr > ref_lr * 1.01 else 0.0
 
 
+# Warm-up is never more than this share of the steps the plan predicts to the target: a warm-up
+# that takes a large part of a short run costs more steps than it saves.
+WARMUP_MAX_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """A linear warm-up from ``start_lr`` over ``steps`` optimizer steps, and why (or why none)."""
+
+    steps: int
+    start_lr: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def warmup_from_evidence(
+    lr: float,
+    *,
+    ref_lr: float,
+    steps_per_epoch: int,
+    stable_lr: float | None = None,
+    verified_runs: int = 0,
+    predicted_steps: float | None = None,
+    adam_beta2: float | None = None,
+) -> Warmup:
+    """Warm-up only when the evidence says the lr needs it, sized against the run.
+
+    - none when the lr does not grow past ``ref_lr`` (the lr already trained at the reference);
+    - none when ``verified_runs`` runs at ``lr`` itself, constant from the first step, trained
+      without diverging (the check at the recommended batch);
+    - none when ``lr`` is below ``stable_lr``, the lr where the range test's loss broke down at the
+      reference batch: that range was shown to train from a fresh start;
+    - else a linear warm-up from ``ref_lr``: Goyal et al.'s 5 epochs for SGD, or Ma & Yarats'
+      (2021) ``2 / (1 − β2)`` steps for Adam, never more than ``WARMUP_MAX_FRACTION`` of
+      ``predicted_steps`` (the steps the plan expects to the target) when that is known.
+
+    >>> warmup_from_evidence(0.4, ref_lr=0.1, steps_per_epoch=100, verified_runs=3).steps
+    0
+    >>> w = warmup_from_evidence(0.4, ref_lr=0.1, steps_per_epoch=100, predicted_steps=2000)
+    >>> w.steps, w.start_lr
+    (200, 0.1)
+    """
+    check_positive_float("lr", lr)
+    check_positive_float("ref_lr", ref_lr)
+    check_positive_int("steps_per_epoch", steps_per_epoch)
+    if lr <= ref_lr * 1.01:
+        return Warmup(
+            0, lr, f"no warm-up: the lr does not grow past the {ref_lr:.3g} it was found at"
+        )
+    if verified_runs > 0:
+        return Warmup(
+            0,
+            lr,
+            f"no warm-up: {verified_runs} runs at {lr:.3g}, constant from the first step, trained "
+            "without diverging at this batch",
+        )
+    if stable_lr is not None and lr < stable_lr:
+        return Warmup(
+            0,
+            lr,
+            f"no warm-up: {lr:.3g} is below {stable_lr:.3g}, where the range test's loss broke down "
+            "at the reference batch",
+        )
+    if adam_beta2 is not None and 0.0 < adam_beta2 < 1.0:
+        wanted = math.ceil(2.0 / (1.0 - adam_beta2))
+        source = f"Ma & Yarats' 2/(1 − β2) = {wanted} steps for Adam"
+    else:
+        wanted = round(GOYAL_WARMUP_EPOCHS * steps_per_epoch)
+        source = f"Goyal et al.'s {GOYAL_WARMUP_EPOCHS:g} epochs = {wanted} steps"
+    steps = wanted
+    capped = ""
+    if predicted_steps is not None and math.isfinite(predicted_steps) and predicted_steps > 0:
+        cap = max(1, math.ceil(WARMUP_MAX_FRACTION * predicted_steps))
+        if cap < wanted:
+            steps = cap
+            capped = (
+                f", cut to {WARMUP_MAX_FRACTION:.0%} of the ~{predicted_steps:.0f} steps predicted "
+                "to the target"
+            )
+    reason = (
+        f"warm up from {ref_lr:.3g} to {lr:.3g} over {steps} steps ({source}{capped}): the lr "
+        "grows past what was shown to train from a fresh start"
+    )
+    return Warmup(steps, ref_lr, reason)
+
+
 __all__ = [
     "GOYAL_WARMUP_EPOCHS",
     "RULES",
+    "WARMUP_MAX_FRACTION",
     "AdamScaling",
     "BatchLr",
     "Rule",
     "RuleChoice",
+    "Warmup",
     "adam_kappa_limit",
     "check_rule",
     "default_warmup_epochs",
@@ -313,4 +403,5 @@ __all__ = [
     "scale_adam",
     "scale_beta",
     "scale_lr",
+    "warmup_from_evidence",
 ]

@@ -8,7 +8,9 @@ Pure functions over plain numbers, so the rules can be read and tested on their 
   shared rule :func:`batchpilot.plan.lr_for_batch`: McCandlish et al.'s ε_opt(B) = ε_max /
   (1 + B_noise/B) for SGD-family optimizers, Malladi et al.'s square-root rule for Adam-family
   ones (falling back to lr·√κ with the betas unchanged beyond the κ the betas allow);
-- warm-up follows Goyal et al. (5 epochs) when the lr grows;
+- warm-up only when the evidence calls for it (:func:`batchpilot.plan.warmup_from_evidence`), sized
+  against the steps predicted to the target;
+- :func:`with_checked_lr` replaces the rule's lr by the one short runs at the batch chose;
 - warnings follow practitioners' guides and the literature (see :func:`advise`).
 
 >>> rec = recommend(train_size=100000, max_micro_batch=4096, reference_batch=32,
@@ -23,18 +25,18 @@ Pure functions over plain numbers, so the rules can be read and tested on their 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from batchpilot.checks import check_positive_int, check_reduction
-from batchpilot.plan._goodput import GoodputPlan, Throughput, plan_goodput
-from batchpilot.plan._lr_rule import default_warmup_epochs, lr_for_batch
-from batchpilot.plan._scaling import steps_per_epoch, warmup_steps
+from batchpilot.plan._goodput import GoodputPlan, Throughput, plan_goodput, predicted_steps
+from batchpilot.plan._lr_rule import is_adam_family, lr_for_batch, warmup_from_evidence
+from batchpilot.plan._scaling import steps_per_epoch
 from batchpilot.plan._split import BatchSplit
 
 Bound = Literal["memory", "throughput knee", "noise scale", "dataset size"]
 
-__all__ = ["Advice", "Recommendation", "advise", "recommend"]
+__all__ = ["Advice", "Recommendation", "advise", "recommend", "with_checked_lr"]
 
 # Below this many samples per device, BatchNorm statistics get noisy (Wu & He 2018, GroupNorm).
 BATCHNORM_MIN_PER_DEVICE = 16
@@ -78,10 +80,16 @@ class Recommendation:
     reasons: tuple[str, ...]
     warnings: tuple[Advice, ...]
     goodput: GoodputPlan | None = None
+    rule_lr: float | None = None
+    lr_source: Literal["rule", "checked"] = "rule"
+    warmup_reason: str = ""
+    predicted_steps: float | None = None
+    noise_interval: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["betas"] = list(self.betas) if self.betas is not None else None
+        data["noise_interval"] = None if self.noise_interval is None else list(self.noise_interval)
         data["reasons"] = list(self.reasons)
         data["warnings"] = [w.to_dict() for w in self.warnings]
         data["goodput"] = None if self.goodput is None else self.goodput.to_dict()
@@ -105,12 +113,18 @@ def recommend(
     has_batchnorm: bool = False,
     noise_lr: float | None = None,
     max_global_batch: int | None = None,
+    noise_interval: tuple[float, float] | None = None,
+    window_steps: int | None = None,
+    stable_lr: float | None = None,
 ) -> Recommendation:
     """Combine the phases' measurements into one recommendation with its reasons and warnings.
 
     ``throughput`` is one device's samples/s per micro-batch (pairs or a curve object, see
     :func:`batchpilot.plan._goodput.plan_goodput`); the global batch maximises goodput over powers of two
-    up to the dataset size (or ``max_global_batch``).
+    up to the dataset size (or ``max_global_batch``). ``window_steps``: the steps the noise-scale
+    run took at ``reference_batch`` to the loss it ended at; with ``noise_scale`` as that run's
+    critical batch they predict the steps at the chosen batch, which size the warm-up.
+    ``stable_lr``: where the range test's loss broke down (no warm-up below it).
     """
     check_positive_int("train_size", train_size)
     check_positive_int("max_micro_batch", max_micro_batch)
@@ -191,13 +205,24 @@ def recommend(
     else:
         advice_extra = ()
     steps_epoch = steps_per_epoch(train_size, global_batch)
-    warm_epochs = default_warmup_epochs(lr, reference_lr)
-    warm = warmup_steps(warm_epochs, steps_epoch)
-    if warm:
-        reasons.append(
-            f"Warm up from {reference_lr:.3g} to {lr:.3g} over {warm_epochs:g} epochs = {warm} steps "
-            "(Goyal et al. 2017)."
+    predicted = None
+    if window_steps and noise_scale is not None:
+        predicted = predicted_steps(
+            window_steps,
+            from_batch=reference_batch,
+            to_batch=global_batch,
+            critical_batch=noise_scale,
+            dataset_size=train_size,
         )
+    warm = warmup_from_evidence(
+        lr,
+        ref_lr=reference_lr,
+        steps_per_epoch=steps_epoch,
+        stable_lr=stable_lr,
+        predicted_steps=predicted,
+        adam_beta2=(betas_out or betas)[1] if is_adam_family(optimizer_name) else None,
+    )
+    reasons.append(warm.reason[0].upper() + warm.reason[1:] + ".")
     expected = chosen.samples_per_second
     ratio = 1.0 + noise_scale / global_batch if noise_scale is not None else None
     advice = advise(
@@ -222,8 +247,8 @@ def recommend(
         reference_lr=reference_lr,
         betas=betas_out,
         eps=eps_out,
-        warmup_steps=warm,
-        warmup_epochs=warm_epochs,
+        warmup_steps=warm.steps,
+        warmup_epochs=warm.steps / steps_epoch,
         steps_per_epoch=steps_epoch,
         expected_samples_per_second=expected,
         steps_to_target_ratio=ratio,
@@ -232,6 +257,45 @@ def recommend(
         reasons=tuple(reasons),
         warnings=advice + advice_extra,
         goodput=plan,
+        rule_lr=lr,
+        warmup_reason=warm.reason,
+        predicted_steps=predicted,
+        noise_interval=noise_interval,
+    )
+
+
+def with_checked_lr(
+    recommendation: Recommendation,
+    lr: float,
+    *,
+    reason: str,
+    verified_runs: int,
+    stable_lr: float | None = None,
+) -> Recommendation:
+    """``recommendation`` with the lr that short runs at its batch chose (``reason`` says how),
+    and the warm-up re-derived for it: none when ``verified_runs`` runs at that lr, constant from
+    the first step, trained without diverging."""
+    warm = warmup_from_evidence(
+        lr,
+        ref_lr=recommendation.reference_lr,
+        steps_per_epoch=recommendation.steps_per_epoch,
+        stable_lr=stable_lr,
+        verified_runs=verified_runs,
+        predicted_steps=recommendation.predicted_steps,
+        adam_beta2=None if recommendation.betas is None else recommendation.betas[1],
+    )
+    return replace(
+        recommendation,
+        lr=lr,
+        lr_source="checked",
+        rule_lr=recommendation.rule_lr if recommendation.rule_lr is not None else recommendation.lr,
+        warmup_steps=warm.steps,
+        warmup_epochs=warm.steps / recommendation.steps_per_epoch,
+        warmup_reason=warm.reason,
+        reasons=(
+            *recommendation.reasons,
+            f"lr checked at batch {recommendation.global_batch}: {reason}",
+        ),
     )
 
 

@@ -23,15 +23,15 @@ import statistics
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 
 from batchpilot.devices import release_memory, resolve_device
 from batchpilot.errors import BadInputError, BatchpilotError
+from batchpilot.measure._lr_check import with_adam_scaling
 from batchpilot.oom import is_out_of_memory
-from batchpilot.plan._lr_rule import lr_for_batch
 from batchpilot.state import preserved_rng
 from batchpilot.sweep.budgets import first_crossing, interpolate
 from batchpilot.sweep.lrs import LrPlan
@@ -217,27 +217,7 @@ def _with_adam_scaling(task: Task, spec: TrialSpec) -> Task:
     values its factory sets at the reference batch."""
     if spec.lr_rule != "adam" or spec.ref_batch is None:
         return task
-    ref_batch, batch, make = spec.ref_batch, spec.batch, task.optimizer
-
-    def optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
-        built = make(params, lr)
-        for group in built.param_groups:
-            if "betas" in group and "eps" in group:
-                scaled = lr_for_batch(
-                    group["lr"],
-                    ref_batch=ref_batch,
-                    batch=batch,
-                    rule="adam",
-                    betas=tuple(group["betas"]),
-                    eps=group["eps"],
-                    reduction=task.reduction,
-                )
-                if scaled.betas is not None and scaled.eps is not None:
-                    group["betas"], group["eps"] = scaled.betas, scaled.eps
-        return built
-
-    # Beyond κ = 1/(1 − β1) the shared rule leaves betas and eps as they are (lr·√κ).
-    return replace(task, optimizer=optimizer)
+    return with_adam_scaling(task, ref_batch=spec.ref_batch, batch=spec.batch)
 
 
 def initial_evaluation(task: Task, *, seed: int, device: torch.device) -> Evaluation:

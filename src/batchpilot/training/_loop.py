@@ -117,17 +117,26 @@ def evaluate(
     device: torch.device | str = "cpu",
     split: str = "val",
     batch_size_limit: int = 512,
+    max_samples: int | None = None,
 ) -> Evaluation:
-    """Mean loss and metric of ``model`` over the validation (or training) set, in eval mode."""
+    """Mean loss and metric of ``model`` over the validation (or training) set, in eval mode.
+
+    ``max_samples``: only the set's first that many samples (in order), for a cheap, repeatable
+    progress signal during a measurement.
+    """
     device = torch.device(device)
     was_training = {name: m.training for name, m in model.named_modules()}
     model.eval()
     total_loss, total_metric, samples = 0.0, 0.0, 0
     try:
         loader = task.loader(
-            batch_size_limit, split="val" if split == "val" else "train", shuffle=False
+            min(batch_size_limit, max_samples or batch_size_limit),
+            split="val" if split == "val" else "train",
+            shuffle=False,
         )
         for batch in loader:
+            if max_samples is not None and samples >= max_samples:
+                break
             batch = to_device(batch, device)
             n = batch_size(batch)
             loss = float(task.compute_loss(model, batch))
