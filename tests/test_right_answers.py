@@ -223,5 +223,7 @@ def test_with_checked_lr_replaces_the_lr_and_drops_a_verified_warmup() -> None:
     checked = with_checked_lr(rec, 0.3, reason="0.3 beat the rule", verified_runs=3)
     assert checked.lr == 0.3 and checked.rule_lr == rec.lr
     assert checked.lr_source == "checked" and checked.warmup_steps == 0
-    assert "0.3 beat the rule" in checked.reasons[-1]
+    assert "0.3 beat the rule" in checked.reasons[-2]
+    assert checked.reasons[-1].startswith("No warm-up")
+    assert not any(r.startswith("Warm up") for r in checked.reasons)
     assert checked.to_dict()["lr_source"] == "checked"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -48,6 +49,22 @@ def test_recommendation_is_coherent(spiral_result: TuneResult) -> None:
     assert verification.best_batch == best.global_batch
 
 
+def test_the_lr_is_checked_at_the_recommended_batch(spiral_result: TuneResult) -> None:
+    rec, check = spiral_result.recommendation, spiral_result.lr_check
+    assert check is not None and rec.lr_source == "checked"
+    assert check.global_batch == rec.global_batch
+    assert rec.lr == check.lr and rec.rule_lr == check.rule_lr
+    tried = sorted(t.lr for t in check.trials)
+    assert len(tried) >= 3 and check.rule_grid_lr in tried and check.lr in tried
+    ratios = [b / a for a, b in itertools.pairwise(tried)]
+    assert all(abs(r - 2**0.5) < 1e-9 for r in ratios)  # one √2 grid
+    assert any(r.startswith("lr checked at batch") for r in rec.reasons)
+    assert rec.warmup_reason
+    noise = spiral_result.noise
+    assert noise is not None and noise.window_steps <= noise.steps
+    assert rec.noise_scale == noise.plan_noise_scale
+
+
 def test_json_schema(spiral_result: TuneResult) -> None:
     data = json.loads(json.dumps(spiral_result.to_dict()))
     for key in (
@@ -66,10 +83,15 @@ def test_json_schema(spiral_result: TuneResult) -> None:
         "warnings",
     ):
         assert key in data["recommendation"], key
-    for phase in ("memory", "throughput", "lr_find", "noise", "verification"):
+    for phase in ("memory", "throughput", "lr_find", "noise", "lr_check", "verification"):
         assert data[phase] is not None, phase
     assert "max_micro_batch" in data["memory"] and "knee_batch" in data["throughput"]
     assert "suggestion" in data["lr_find"] and "noise_scale" in data["noise"]
+    assert {"rule_lr", "lr_source", "warmup_reason", "noise_interval"} <= set(
+        data["recommendation"]
+    )
+    assert {"window_steps", "plan_noise_scale", "plan_quantity"} <= set(data["noise"])
+    assert data["lr_check"]["trials"] and data["lr_check"]["lr"] == data["recommendation"]["lr"]
 
 
 def test_report_is_written_and_loads_in_a_browser(
@@ -84,12 +106,14 @@ def test_report_is_written_and_loads_in_a_browser(
         "Throughput",
         "range test",
         "noise scale",
+        "The lr checked at batch",
+        "Optimizer settings to change",
         "Verification",
         "Formulas",
         "Epochs and iterations",
     ):
         assert section in text, section
-    assert text.count("data:image/png;base64,") >= 5
+    assert text.count("data:image/png;base64,") >= 6
     assert json.loads((tmp_path / "report" / "result.json").read_text())["recommendation"]
     checks = load_in_browser(page, tmp_path)
     assert checks["broken-images"] == "0" and checks["errors"] == "0"

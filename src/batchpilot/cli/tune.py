@@ -195,18 +195,27 @@ def render_tune(console: Console, result: TuneResult, report: Path) -> None:
             "micro-batch × accumulation × devices",
             f"{rec.micro_batch} × {rec.accumulation_steps} × {rec.world_size}",
         ),
-        ("learning rate", f"{rec.lr:.4g} ({rec.lr_rule})"),
+        (
+            "learning rate",
+            f"{rec.lr:.4g} (checked at this batch; the {rec.lr_rule} rule gave {rec.rule_lr:.4g})"
+            if rec.lr_source == "checked" and rec.rule_lr is not None
+            else f"{rec.lr:.4g} ({rec.lr_rule} rule)",
+        ),
     ]
     if rec.betas is not None and rec.eps is not None:
         rows.append(("Adam betas, eps", f"({rec.betas[0]:.4g}, {rec.betas[1]:.4g}), {rec.eps:.3g}"))
     rows += [
-        ("warm-up", f"{rec.warmup_steps} steps ({rec.warmup_epochs:g} epochs)"),
+        ("warm-up", f"{rec.warmup_steps} steps ({rec.warmup_epochs:.2g} epochs)"),
         ("steps per epoch", str(rec.steps_per_epoch)),
     ]
     if rec.expected_samples_per_second is not None:
         rows.append(("expected samples/s", f"{rec.expected_samples_per_second:,.0f}"))
     if rec.noise_scale is not None and rec.steps_to_target_ratio is not None:
-        rows.append(("gradient noise scale", f"{rec.noise_scale:,.0f}"))
+        interval = ""
+        if rec.noise_interval is not None:
+            interval = f" ({rec.noise_interval[0]:,.0f} to {rec.noise_interval[1]:,.0f})"
+        window = "" if result.noise is None else f", over {result.noise.window_steps} steps"
+        rows.append(("critical batch (noise scale)", f"{rec.noise_scale:,.0f}{interval}{window}"))
         rows.append(("steps to target vs minimum", f"{rec.steps_to_target_ratio:.2f}×"))
     rows.append(("batch bound by", rec.bound_by))
     for name, value in rows:
@@ -214,6 +223,19 @@ def render_tune(console: Console, result: TuneResult, report: Path) -> None:
     console.print(table)
     for reason in rec.reasons:
         console.print(f"• {plain(reason)}")
+    if result.lr_check is not None:
+        lr_check = Table(
+            title=f"lr check: {result.lr_check.steps} steps × {result.lr_check.seeds} seed(s) "
+            f"per lr at batch {result.lr_check.global_batch}"
+        )
+        for column in ("lr", f"median {result.lr_check.split} loss", "diverged"):
+            lr_check.add_column(column, justify="right")
+        for trial in result.lr_check.trials:
+            mark = " ← chosen" if trial.lr == result.lr_check.lr else ""
+            lr_check.add_row(
+                f"{trial.lr:.4g}{mark}", f"{trial.median:.4g}", "yes" if trial.diverged else "no"
+            )
+        console.print(lr_check)
     for advice in rec.warnings:
         console.print(f"[yellow]warning ({advice.code}):[/yellow] {plain(advice.message)}")
     if result.verification is not None:

@@ -222,7 +222,7 @@ def recommend(
         predicted_steps=predicted,
         adam_beta2=(betas_out or betas)[1] if is_adam_family(optimizer_name) else None,
     )
-    reasons.append(warm.reason[0].upper() + warm.reason[1:] + ".")
+    reasons.append(_sentence(warm.reason))
     expected = chosen.samples_per_second
     ratio = 1.0 + noise_scale / global_batch if noise_scale is not None else None
     advice = advise(
@@ -264,6 +264,10 @@ def recommend(
     )
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
 def with_checked_lr(
     recommendation: Recommendation,
     lr: float,
@@ -293,8 +297,9 @@ def with_checked_lr(
         warmup_epochs=warm.steps / recommendation.steps_per_epoch,
         warmup_reason=warm.reason,
         reasons=(
-            *recommendation.reasons,
-            f"lr checked at batch {recommendation.global_batch}: {reason}",
+            *(r for r in recommendation.reasons if r != _sentence(recommendation.warmup_reason)),
+            f"lr checked at batch {recommendation.global_batch}: {reason}.",
+            _sentence(warm.reason),
         ),
     )
 

@@ -1,4 +1,5 @@
-"""The range-test curve with its suggestions marked: :func:`plot_lr_find`.
+"""The range-test curve with its suggestions marked (:func:`plot_lr_find`), and the lr check at
+the recommended batch (:func:`plot_lr_check`).
 
 >>> from batchpilot.loading import load_task
 >>> from batchpilot.measure._lr_range import find_lr
@@ -16,6 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 
+from batchpilot.measure._lr_check import LrCheck
 from batchpilot.measure._lr_range import LRFinderResult
 
 _COLORS = {"steepest": "tab:red", "valley": "tab:green", "minimum_over_10": "tab:purple"}
@@ -102,4 +104,28 @@ def _loss_limits(result: LRFinderResult) -> tuple[float, float]:
     return low - margin, high + margin
 
 
-__all__ = ["plot_lr_find"]
+def plot_lr_check(check: LrCheck, ax: Axes | None = None) -> Axes:
+    """The lr check at the recommended batch: each seed's final loss per lr (dots), their median
+    (line), the rule's grid point and the chosen lr; a diverged lr is marked at the top."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4.5))
+    finite = [v for t in check.trials for v in t.losses if math.isfinite(v)]
+    top = max(finite) if finite else 1.0
+    for trial in check.trials:
+        values = [v for v in trial.losses if math.isfinite(v)]
+        ax.scatter([trial.lr] * len(values), values, color="0.5", s=14, zorder=2)
+        if trial.diverged:
+            ax.scatter([trial.lr], [top], marker="x", color="tab:red", s=40, zorder=3)
+    steady = [t for t in check.trials if math.isfinite(t.median)]
+    ax.plot([t.lr for t in steady], [t.median for t in steady], color="tab:blue", label="median")
+    ax.axvline(check.rule_grid_lr, color="0.4", linestyle="--", label=f"rule {check.rule_lr:.3g}")
+    ax.axvline(check.lr, color="tab:green", linewidth=2, label=f"chosen {check.lr:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (constant)")
+    ax.set_ylabel(f"{check.split} loss after {check.steps} steps")
+    ax.set_title(f"lr check at batch {check.global_batch}")
+    ax.legend(loc="best", fontsize=8)
+    return ax
+
+
+__all__ = ["plot_lr_check", "plot_lr_find"]

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 
 from batchpilot.jsonio import to_json
 from batchpilot.plan._scaling import plan_scaling
-from batchpilot.plots.lr_find import plot_lr_find
+from batchpilot.plots.lr_find import plot_lr_check, plot_lr_find
 from batchpilot.plots.memory import plot_memory, plot_step_time_residuals, plot_throughput
 from batchpilot.plots.noise import plot_goodput, plot_noise_history
 from batchpilot.report.html import Document, Figure, Section, Table, render_html
@@ -24,7 +24,8 @@ FORMULAS = (
     "Gradient noise scale: E|G_b|² = |G|² + tr(Σ)/b; from micro-batch (b) and step (B) gradients, "
     "|G|² ≈ (B|G_B|² − b|G_b|²)/(B − b), tr(Σ) ≈ (|G_b|² − |G_B|²)/(1/b − 1/B); "
     "B_simple = EMA(tr Σ)/EMA(|G|²).",
-    "Steps to a target: S(B)/S_min = 1 + B_noise/B.",
+    "Steps to a target: S(B)/S_min = 1 + B_crit/B; B_crit is the noise scale weighted by "
+    "progress over the run (McCandlish et al. 2018, appendix D).",
     "Statistical efficiency (Pollux, OSDI'21): E(B) = (B_noise + B0)/(B_noise + B); "
     "goodput(B) = samples/s(B) · E(B).",
     "Memory model: peak(b) = fixed + per_sample · b, fitted to probes and checked by one real step.",
@@ -53,6 +54,12 @@ def build_tune_document(result: TuneResult) -> Document:
         f"{rec.accumulation_steps} accumulation × {rec.world_size} devices) with lr {rec.lr:.4g}"
         + (f" and a {rec.warmup_steps}-step warm-up" if rec.warmup_steps else "")
         + f". The batch is bound by {rec.bound_by}."
+        + (
+            f" The scaling rule gave lr {rec.rule_lr:.4g}; short runs at this batch chose "
+            f"{rec.lr:.4g}."
+            if rec.lr_source == "checked" and rec.rule_lr is not None
+            else ""
+        )
     )
     rows: list[list[object]] = [
         ["global batch", rec.global_batch],
@@ -62,6 +69,8 @@ def build_tune_document(result: TuneResult) -> Document:
         ["learning rate", rec.lr],
         ["lr rule", rec.lr_rule],
     ]
+    if rec.rule_lr is not None and rec.lr_source == "checked":
+        rows.append(["the rule's lr (before the check)", rec.rule_lr])
     if rec.betas is not None and rec.eps is not None:
         rows += [["Adam beta1", rec.betas[0]], ["Adam beta2", rec.betas[1]], ["Adam eps", rec.eps]]
     rows += [
@@ -74,7 +83,7 @@ def build_tune_document(result: TuneResult) -> Document:
     sections = [
         Section(
             "Recommendation",
-            paragraphs=[headline],
+            paragraphs=[headline, _settings_to_change(result)],
             tables=[Table(["", "value"], rows)],
             bullets=list(rec.reasons),
             css_class="headline",
@@ -197,16 +206,26 @@ def build_tune_document(result: TuneResult) -> Document:
     )
     if noise is not None:
         low, high = noise.noise_scale_interval
+        plan_low, plan_high = noise.plan_interval
         sections.append(
             Section(
                 "4. Gradient noise scale and goodput",
                 paragraphs=[
-                    f"Measured over {noise.steps} training steps at batch {noise.batch} "
-                    f"({noise.micro_batches} micro-batches of {noise.micro_batch}) and lr {noise.lr:.3g}: "
-                    f"B_simple = {noise.noise_scale:,.1f} (interval {low:,.1f} to {high:,.1f}), "
-                    f"|G|² = {noise.gradient_sq_norm:.4g}, tr(Σ) = {noise.trace_covariance:.4g}. "
-                    "McCandlish et al. take B_simple as the critical batch: beyond it a bigger batch "
-                    "stops buying fewer steps.",
+                    f"Trained {noise.steps} steps at batch {noise.batch} ({noise.micro_batches} "
+                    f"micro-batches of {noise.micro_batch}) and lr {noise.lr:.3g}; it stopped at "
+                    f"{noise.window_reason}. The window is the first {noise.window_steps} steps"
+                    + (
+                        f", up to the best {noise.progress_split} loss"
+                        if noise.window_steps < noise.steps
+                        else " (the loss was still falling: a longer run's critical batch is larger)"
+                    )
+                    + f". At its end B_simple = {noise.noise_scale:,.1f} (interval {low:,.1f} to "
+                    f"{high:,.1f}), |G|² = {noise.gradient_sq_norm:.4g}, tr(Σ) = "
+                    f"{noise.trace_covariance:.4g}.",
+                    f"The plan uses the {noise.plan_quantity}: {noise.plan_noise_scale:,.1f} "
+                    f"(interval {plan_low:,.1f} to {plan_high:,.1f}), the progress-weighted noise "
+                    "scale that predicts the steps to the loss the window reached, "
+                    "S(B) = S_min (1 + B_crit/B) (McCandlish et al. 2018, appendix D).",
                     *noise.warnings,
                 ],
                 figures=[
@@ -222,11 +241,13 @@ def build_tune_document(result: TuneResult) -> Document:
                 anchor="noise",
             )
         )
+    if result.lr_check is not None:
+        sections.append(_lr_check_section(result))
     if result.verification is not None:
         verification = result.verification
         sections.append(
             Section(
-                "5. Verification (the halve-or-double check: ×0.5 and ×2)",
+                "6. Verification (the halve-or-double check: ×0.5 and ×2)",
                 paragraphs=[
                     f"Each batch trained {verification.epochs:.2g} epochs from the same seed with the lr "
                     f"its rule gives; best validation loss at batch {verification.best_batch}"
@@ -348,8 +369,17 @@ def _provenance(result: TuneResult) -> Section:
             f"{rec.micro_batch} × {rec.accumulation_steps}",
             "fastest exact split under the memory limit",
         ],
-        ["learning rate", rec.lr, f"{rec.lr_rule} rule from the reference lr"],
-        ["warm-up steps", rec.warmup_steps, "Goyal et al.: 5 epochs when the lr grows"],
+        [
+            "learning rate",
+            rec.lr,
+            f"{rec.lr_rule} rule from the reference lr"
+            + (
+                f" ({rec.rule_lr:.4g}), then checked by short runs at batch {rec.global_batch}"
+                if rec.lr_source == "checked" and rec.rule_lr is not None
+                else ""
+            ),
+        ],
+        ["warm-up steps", rec.warmup_steps, rec.warmup_reason or "-"],
         [
             "expected samples/s",
             rec.expected_samples_per_second,
@@ -360,6 +390,63 @@ def _provenance(result: TuneResult) -> Section:
         "Where each number comes from",
         tables=[Table(["number", "value", "source"], rows)],
         anchor="provenance",
+    )
+
+
+def _settings_to_change(result: TuneResult) -> str:
+    """One sentence: the optimizer settings to change from what the task's factory sets."""
+    rec = result.recommendation
+    changes = [f"lr {rec.lr:.4g}"]
+    if rec.betas is not None and rec.eps is not None:
+        changes.append(f"betas ({rec.betas[0]:.4g}, {rec.betas[1]:.5g}) and eps {rec.eps:.3g}")
+    if rec.warmup_steps:
+        changes.append(
+            f"a linear warm-up from {rec.reference_lr:.3g} over {rec.warmup_steps} steps"
+        )
+    text = "Optimizer settings to change: " + "; ".join(changes) + "."
+    if rec.betas is None and result.task.optimizer.lower().startswith("adam"):
+        text += (
+            f" Keep the optimizer's betas and eps: the {rec.lr_rule} rule moves only the lr "
+            "(beyond the batch ratio the betas allow, Malladi et al.'s rescaling does not apply)."
+        )
+    return text
+
+
+def _lr_check_section(result: TuneResult) -> Section:
+    check = result.lr_check
+    assert check is not None
+    return Section(
+        f"5. The lr checked at batch {check.global_batch}",
+        paragraphs=[
+            f"Every lr below trained a fresh model for {check.steps} steps at micro-batch "
+            f"{check.micro_batch} × {check.accumulation_steps} accumulation, constant lr, no "
+            f"warm-up, {check.seeds} seed(s) each; scored by the {check.split} loss at the end "
+            f"(median over seeds). The rule gave {check.rule_lr:.4g} (grid point "
+            f"{check.rule_grid_lr:.4g}); {check.reason}."
+            + ("" if check.complete else " The time budget ended the grid early."),
+            "The grid is fixed powers of √2, and the rule's point is kept unless another lr beats "
+            "it in every seed: a noisy noise scale moves the answer by one grid step at most "
+            "when it does not change the outcome of training.",
+        ],
+        tables=[
+            Table(
+                ["lr", "median loss", "losses per seed", "diverged", ""],
+                [
+                    [
+                        t.lr,
+                        t.median,
+                        ", ".join(f"{v:.4g}" for v in t.losses),
+                        "yes" if t.diverged else "no",
+                        "chosen"
+                        if t.lr == check.lr
+                        else ("rule" if t.lr == check.rule_grid_lr else ""),
+                    ]
+                    for t in check.trials
+                ],
+            )
+        ],
+        figures=[_figure(plot_lr_check, check, "Loss after the check's steps vs lr")],
+        anchor="lr-check",
     )
 
 
