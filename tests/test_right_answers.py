@@ -14,6 +14,7 @@ from torch.utils.data import TensorDataset
 from batchpilot import Task
 from batchpilot.errors import BadInputError
 from batchpilot.measure import check_lr, grid_point, measure_noise_scale, with_adam_scaling
+from batchpilot.measure._lr_check import GRID_FACTOR, LrTrial, _decide
 from batchpilot.measure._noise import _Window
 from batchpilot.plan import (
     WARMUP_MAX_FRACTION,
@@ -54,7 +55,7 @@ def test_window_ends_at_the_best_point_and_stops_on_a_clear_rise() -> None:
         (s, 1.0 + 0.2 * (s - 10)) for s in (12, 14, 16)
     ]
     stops = [window.add(s, v) for s, v in curve]
-    assert stops[-1] and not any(stops[:-1])
+    assert stops[-1] == "overfitting" and not any(stops[:-1])
     assert window.best == (10, 1.0)
     assert window.end(16) == 10
 
@@ -70,6 +71,16 @@ def test_window_keeps_running_through_noise_around_a_slow_descent() -> None:
         stops.append(window.add(step, value))
         step = window.next_eval
     assert not any(stops)
+
+
+def test_window_stops_where_the_loss_flattens_whatever_the_clock() -> None:
+    window = _Window(min_steps=10)
+    step, reason = 1, None
+    while reason is None and step < 10_000:
+        reason = window.add(step, 0.05 + 2.0 * math.exp(-step / 40))  # flattens past ~200
+        step = window.next_eval
+    assert reason == "diminishing returns"
+    assert window.best is not None and 150 < window.best[0] < 1000
 
 
 def test_a_flat_signal_keeps_the_whole_run_as_the_window() -> None:
@@ -100,7 +111,7 @@ def test_measure_noise_scale_window_stops_a_fast_overfitting_task_early() -> Non
 def test_measure_noise_scale_time_budget_binds() -> None:
     task = _regression_task(train=4096, val=256, features=8, noise=1.0)
     result = measure_noise_scale(
-        task, batch=64, steps=1_000_000, lr=0.01, window=True, time_budget_seconds=0.5
+        task, batch=64, steps=1_000_000, lr=1e-5, window=True, time_budget_seconds=0.5
     )
     assert result.seconds < 1.5
     assert "time budget" in result.window_reason
@@ -129,22 +140,43 @@ def test_check_lr_moves_a_far_too_low_rule_lr_up_the_grid() -> None:
     assert by_lr[checked.lr].median < by_lr[checked.rule_grid_lr].median
 
 
-def test_check_lr_keeps_the_rule_when_no_candidate_wins_every_seed() -> None:
-    # a task that cannot learn at these lrs: every candidate scores about the same
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(512, 4, generator=generator)
-    y = torch.randn(512, 1, generator=generator)  # labels unrelated to the inputs
+def _trial(k: int, *losses: float) -> LrTrial:
+    return LrTrial(GRID_FACTOR**k, losses, sorted(losses)[len(losses) // 2], False)
 
-    task = Task(
-        model=lambda: nn.Linear(4, 1),
-        train_data=TensorDataset(x[:384], y[:384]),
-        val_data=TensorDataset(x[384:], y[384:]),
-        loss=lambda model, batch: F.mse_loss(model(batch[0]), batch[1]),
-        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr),
-    )
-    checked = check_lr(task, rule_lr=1e-4, micro_batch=32, steps=5, seeds=3)
-    assert checked.kept_rule
-    assert checked.lr == checked.rule_grid_lr
+
+def test_a_tie_answers_its_centre_and_a_clear_win_its_best() -> None:
+    flat = {
+        t.lr: t
+        for t in (
+            _trial(-1, 1.0, 1.1, 1.2),
+            _trial(0, 1.02, 1.1, 1.3),
+            _trial(1, 1.0, 1.05, 1.1),
+            _trial(2, 1.1, 1.15, 1.2),
+            _trial(3, 2.0, 2.1, 2.2),
+        )
+    }
+    best = min(flat.values(), key=lambda t: (t.median, t.lr))
+    # the best (lr 1, median 1.05) reaches 1.1: lrs −1, 0 and 1 tie, 2 (1.15) and 3 do not
+    lr, reason = _decide(flat, best, GRID_FACTOR**0)
+    assert lr == pytest.approx(GRID_FACTOR**0)  # tie of −1, 0, 1: its centre
+    assert "tie" in reason
+    sharp = {
+        t.lr: t
+        for t in (_trial(-1, 2.0, 2.1, 2.2), _trial(0, 1.5, 1.6, 1.7), _trial(1, 1.0, 1.05, 1.1))
+    }
+    lr, reason = _decide(sharp, sharp[GRID_FACTOR**1], GRID_FACTOR**0)
+    assert lr == pytest.approx(GRID_FACTOR**1) and "beat every other lr" in reason
+    even = {
+        t.lr: t
+        for t in (
+            _trial(0, 1.0, 1.1, 1.2),
+            _trial(1, 1.0, 1.05, 1.2),
+            _trial(2, 1.0, 1.1, 1.3),
+            _trial(3, 1.0, 1.12, 1.3),
+        )
+    }
+    lr, _ = _decide(even, even[GRID_FACTOR**1], GRID_FACTOR**0)
+    assert lr == pytest.approx(GRID_FACTOR**1)  # middles 1 and 2: the lower median, 1
 
 
 def test_check_lr_goes_down_when_the_rule_lr_diverges() -> None:

@@ -37,6 +37,7 @@ PHASES = (
     "memory",
     "throughput",
     "lr range test",
+    "reference lr check",
     "noise scale",
     "recommendation",
     "lr check",
@@ -166,6 +167,7 @@ class TuneResult:
     recommendation: Recommendation
     verification: Verification | None
     lr_check: LrCheck | None = None
+    reference_check: LrCheck | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     conditions: MeasurementConditions | None = None
@@ -181,6 +183,9 @@ class TuneResult:
             "noise": None if self.noise is None else self.noise.to_dict(),
             "verification": None if self.verification is None else self.verification.to_dict(),
             "lr_check": None if self.lr_check is None else self.lr_check.to_dict(),
+            "reference_check": None
+            if self.reference_check is None
+            else self.reference_check.to_dict(),
             "phase_seconds": dict(self.phase_seconds),
             "notes": list(self.notes),
             "conditions": None if self.conditions is None else self.conditions.to_dict(),
@@ -387,6 +392,35 @@ def _tune(
             f"{good_lr:g} was used."
         )
     bar.finish("lr range test", f"lr {good_lr:.3g} at batch {reference_batch}")
+    reference_check: LrCheck | None = None
+    if options.check_lr and options.lr is None:
+        # The noise scale depends on where training goes, and so on the lr it trains at: the
+        # range test's reading (seeds spread it 2-3×) is checked by a run of the range test's
+        # length at the lr grid points around it, so the noise run trains at a checked lr.
+        share = None
+        if budget is not None:
+            share = max(0.15 * (budget - (time.perf_counter() - started)), 1.0)
+        read_lr = good_lr
+        reference_check = timed(
+            "reference lr check",
+            lambda: check_lr(
+                task,
+                rule_lr=read_lr,
+                micro_batch=reference_batch,
+                steps=lr_steps,
+                seeds=1,
+                seed=options.seed,
+                device=device,
+                time_budget_seconds=share,
+            ),
+        )
+        assert reference_check is not None
+        if reference_check.lr != good_lr:
+            notes.append(
+                f"Reference lr {good_lr:.3g} at batch {reference_batch} checked by {lr_steps}-step "
+                f"runs: {reference_check.lr:.3g} ({reference_check.reason})."
+            )
+        good_lr = reference_check.lr
     if budget is not None:
         # re-plan the noise phase from the range test's own seconds per step (the throughput
         # fit's estimate misses evaluation, data loading and load that came since)
@@ -530,6 +564,7 @@ def _tune(
         recommendation=recommendation,
         verification=verification,
         lr_check=lr_checked,
+        reference_check=reference_check,
         phase_seconds=seconds,
         notes=tuple(notes),
         conditions=conditions,

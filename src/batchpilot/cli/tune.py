@@ -113,8 +113,25 @@ def tune_command(
         ),
     ] = 3,
     noise_steps: Annotated[
-        int, typer.Option("--noise-steps", help="Training steps of the noise-scale measurement.")
-    ] = 200,
+        int,
+        typer.Option(
+            "--noise-steps",
+            help="Most training steps of the noise-scale run; its window ends at the best "
+            "validation loss, and the run stops early once that loss rises (overfitting).",
+        ),
+    ] = TuneOptions.noise_steps,
+    check_lr: Annotated[
+        bool,
+        typer.Option(
+            "--check-lr/--no-check-lr",
+            help="Check the lr by short runs on a √2 grid: at the reference batch before the "
+            "noise scale, and at the recommended batch before answering.",
+        ),
+    ] = True,
+    check_seeds: Annotated[
+        int,
+        typer.Option("--check-seeds", help="Seeds per lr of the check at the recommended batch."),
+    ] = TuneOptions.check_seeds,
     verify: Annotated[
         bool,
         typer.Option(
@@ -130,7 +147,7 @@ def tune_command(
         typer.Option(
             "--time-budget",
             help="Seconds for the whole run: every phase is sized to fit (memory and throughput "
-            "take a fifth, the range test and the noise scale share the rest).",
+            "take a fifth; the range test, the noise scale and the lr checks share the rest).",
         ),
     ] = DEFAULT_TIME_BUDGET_SECONDS,
     threads: Annotated[
@@ -165,6 +182,8 @@ def tune_command(
         lr_steps=lr_steps,
         lr_repeats=lr_repeats,
         noise_steps=noise_steps,
+        check_lr=check_lr,
+        check_seeds=check_seeds,
         verify=verify,
         verify_epochs=verify_epochs,
         time_budget_seconds=time_budget,

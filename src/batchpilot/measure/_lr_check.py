@@ -9,10 +9,12 @@ grid is fixed (powers of √2, as in :func:`~batchpilot.measure._lr_range.verifi
 so two runs whose rule lrs differ a little propose the same lrs, and adjacent answers differ by at
 most ×1.41.
 
-The decision is a stated rule, not the accident of one seed: the rule's grid point is kept unless
-another candidate beats it clearly, that is unless every seed of the best candidate scores below
-the rule point's median (Shallue et al. 2019 re-tune the lr at every batch for the same reason:
-the best constant lr at a batch is found by training, not by formula).
+The decision is a stated rule, not the accident of one seed: every lr whose median loss is at or
+below the best candidate's worst seed ties with the best, and the grid point at the centre of the
+tie is chosen (the rule's own point when it is there). A flat optimum, where several lrs train
+alike, answers its middle whatever noise ranked first; a sharp one answers its best (Shallue et
+al. 2019 re-tune the lr at every batch for the same reason: the best constant lr at a batch is
+found by training, not by formula).
 
 >>> round(grid_point(0.1), 4), round(grid_point(0.3), 4)
 (0.0884, 0.3536)
@@ -113,6 +115,38 @@ def with_adam_scaling(task: Task, *, ref_batch: int, batch: int) -> Task:
     return replace(task, optimizer=optimizer)
 
 
+def _exponent(lr: float) -> int:
+    return round(math.log(lr) / math.log(GRID_FACTOR))
+
+
+def _decide(trials: dict[float, LrTrial], best: LrTrial, centre: float) -> tuple[float, str]:
+    """The centre of the tie: every lr whose median is within the best's reach (at or below the
+    best's worst seed) ties with it; the grid point halfway between the tie's lowest and highest
+    lr is chosen (of two middle points, the one with the lower median)."""
+    reach = max(best.losses)
+    tied = sorted(t.lr for t in trials.values() if math.isfinite(t.median) and t.median <= reach)
+    low, high = _exponent(tied[0]), _exponent(tied[-1])
+    middle = [k for k in {math.floor((low + high) / 2), math.ceil((low + high) / 2)}]
+    by_exponent = {_exponent(t.lr): t for t in trials.values()}
+    choices = [by_exponent[k] for k in middle if k in by_exponent]
+    chosen = min(choices, key=lambda t: (t.median, t.lr)) if choices else best
+    if len(tied) == 1:
+        reason = (
+            f"the rule's {centre:.3g} trained best of {len(trials)} lrs"
+            if chosen.lr == centre
+            else f"{chosen.lr:.3g} beat every other lr in every seed (median {chosen.median:.4g}; "
+            f"the rule's {centre:.3g}: {trials[centre].median:.4g})"
+        )
+    else:
+        reason = (
+            f"{len(tied)} lrs from {tied[0]:.3g} to {tied[-1]:.3g} tie with the best "
+            f"{best.lr:.3g} (medians at or below its worst seed, {reach:.4g}); the tie's centre "
+            f"{chosen.lr:.3g} is chosen"
+            + (", the rule's own" if chosen.lr == centre else f" (the rule gave {centre:.3g})")
+        )
+    return chosen.lr, reason
+
+
 def check_lr(
     task: Task,
     *,
@@ -182,30 +216,12 @@ def check_lr(
         run(below)
     ranked = sorted(trials.values(), key=lambda t: (t.median, t.lr))
     best = ranked[0]
-    rule = trials.get(centre)
     best_lr = best.lr if math.isfinite(best.median) else None
     if best_lr is None:
-        lr, kept, reason = (
-            centre,
-            True,
-            "every candidate diverged: the rule's lr is kept, unverified",
-        )
-    elif rule is not None and best.lr != centre and max(best.losses) >= rule.median:
-        lr, kept = centre, True
-        reason = (
-            f"the best candidate {best.lr:.3g} did not beat the rule's {centre:.3g} in every seed "
-            f"(its worst {max(best.losses):.4g} ≥ the rule's median {rule.median:.4g}): "
-            "the rule's lr is kept"
-        )
-    elif best.lr == centre:
-        lr, kept = centre, True
-        reason = f"the rule's {centre:.3g} trained best of {len(trials)} lrs"
+        lr, reason = centre, "every candidate diverged: the rule's lr is kept, unverified"
     else:
-        lr, kept = best.lr, False
-        reason = (
-            f"{best.lr:.3g} beat the rule's {centre:.3g} in every seed "
-            f"(median {best.median:.4g} against {rule.median if rule else math.nan:.4g})"
-        )
+        lr, reason = _decide(trials, best, centre)
+    kept = lr == centre
     return LrCheck(
         global_batch=micro_batch * accumulation_steps,
         micro_batch=micro_batch,

@@ -849,6 +849,9 @@ WINDOW_SPACING = 0.2
 # steps as it took to reach its best: early stopping on overfitting, its patience relative to the
 # task's own pace instead of a fixed count.
 WINDOW_PATIENCE = 1.5
+# ... or once the second half of the run has bought less than this share of its (log-loss)
+# progress: the loss has flattened, wherever the machine's speed put the time budget.
+DIMINISHING_RETURNS = 0.05
 # The shortest window: 1.5 time constants of the default moving averages (1 / (1 − 0.95) = 20
 # steps), and past the first quick drop of a loss that then sits on a plateau for a while.
 MIN_WINDOW_STEPS = 30
@@ -922,15 +925,46 @@ class _Window:
     def due(self, step: int) -> bool:
         return step >= self.next_eval
 
-    def add(self, step: int, loss: float, train_losses: Sequence[float] = ()) -> bool:
-        """Record the signal after ``step``; True when it has clearly risen since its best while
-        the training loss (``train_losses``, one per step so far) kept falling: overfitting, not
-        the wander of a loss on a plateau."""
+    def add(self, step: int, loss: float, train_losses: Sequence[float] = ()) -> str | None:
+        """Record the signal after ``step``; why the run may stop, or None.
+
+        ``"overfitting"``: the signal has clearly risen since its best while the training loss
+        (``train_losses``, one per step so far) kept falling, not the wander of a loss on a
+        plateau. ``"diminishing returns"``: the second half of the run bought less than
+        ``DIMINISHING_RETURNS`` of its progress (:meth:`diminishing`).
+        """
         self.points.append((step, loss))
         self.next_eval = step + max(1, int(WINDOW_SPACING * step))
         if math.isfinite(loss) and (self.best is None or loss < self.best[1]):
             self.best = (step, loss)
-        if self.best is None or step < max(self.min_steps, WINDOW_PATIENCE * self.best[0]):
+        if self.best is None:
+            return None
+        if self.diminishing(step):
+            return "diminishing returns"
+        return "overfitting" if self.overfitting(step, train_losses) else None
+
+    def diminishing(self, step: int) -> bool:
+        """Whether the best signal since half-way is within ``DIMINISHING_RETURNS`` of the
+        run's whole progress, measured in log-loss (a loss that falls as a power of the steps
+        keeps a steady share and never stops; one that flattens does), in loss where a value is
+        not positive."""
+        assert self.best is not None
+        if step < 2 * self.min_steps or not self.progressed():
+            return False
+        first = self.points[0][1]
+        half = [v for s, v in self.points if s <= step / 2 and math.isfinite(v)]
+        if not half:
+            return False
+        at_half, best = min(half), self.best[1]
+        if min(first, at_half, best) > 0:
+            gained, total = math.log(at_half / best), math.log(first / best)
+        else:
+            gained, total = at_half - best, first - best
+        return total > 0 and gained < DIMINISHING_RETURNS * total
+
+    def overfitting(self, step: int, train_losses: Sequence[float]) -> bool:
+        assert self.best is not None
+        if step < max(self.min_steps, WINDOW_PATIENCE * self.best[0]):
             return False
         after = [v for s, v in self.points if s > self.best[0]]
         if len(after) < 3 or not all(math.isfinite(v) for v in after) or not self.progressed():
@@ -1068,7 +1102,9 @@ def measure_noise_scale(
     on a geometric schedule; the window ends at the signal's best step (at least ``min_steps``),
     and the run stops early once the signal has clearly risen from that best, no sooner than
     ``WINDOW_PATIENCE`` times the steps it took to get there, while the training loss kept
-    falling (overfitting, not the wander of a loss on a plateau). A fast task is measured where it
+    falling (overfitting, not the wander of a loss on a plateau), or once the steps since half-way
+    lowered it by less than ``DIMINISHING_RETURNS`` of its log-loss progress (a flattened loss: a
+    window set by progress, not by how fast the machine runs). A fast task is measured where it
     reaches its best, not after it has begun to overfit; a slow one runs until ``steps`` or
     ``time_budget_seconds``. A signal that has not fallen by more than its own jitter (a plateau,
     or an lr too low to move it) keeps the whole run as the window.
@@ -1137,13 +1173,22 @@ def measure_noise_scale(
                     else:
                         signal = sum(since_eval) / len(since_eval)
                     since_eval = []
-                    if tracker.add(done, signal, losses if split == "val" else ()):
+                    stop = tracker.add(done, signal, losses if split == "val" else ())
+                    if stop is not None:
                         plateau = True
                         assert tracker.best is not None
-                        reason = (
-                            f"the {split} loss rose after step {tracker.best[0]} (overfitting; "
-                            f"no lower value in the {done - tracker.best[0]} steps since)"
-                        )
+                        if stop == "overfitting":
+                            reason = (
+                                f"the {split} loss rose after step {tracker.best[0]} "
+                                f"(overfitting; no lower value in the "
+                                f"{done - tracker.best[0]} steps since)"
+                            )
+                        else:
+                            reason = (
+                                f"diminishing returns: steps {done // 2}–{done} lowered the "
+                                f"{split} loss by less than {DIMINISHING_RETURNS:.0%} of its "
+                                "(log) progress so far"
+                            )
                         break
                 if (
                     time_budget_seconds is not None
