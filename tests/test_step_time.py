@@ -380,3 +380,23 @@ def test_machine_load(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(os, "getloadavg", no_load_average)
     assert math.isnan(machine_load().load_1min) and not machine_load().overloaded
+
+
+def test_jitter_that_differs_between_batches_is_not_load() -> None:
+    # each batch has one slow round, but a different one: no round is slow for every batch
+    rounds = {
+        1: ((1.0,), (1.3,), (1.0,), (1.0,)),
+        2: ((1.0,), (1.0,), (1.3,), (1.0,)),
+        4: ((1.0,), (1.0,), (1.0,), (1.3,)),
+        8: ((1.3,), (1.0,), (1.0,), (1.0,)),
+    }
+    jitter = StepTimings(rounds, {b: 1 for b in rounds}, "max_rounds", 0.3)
+    assert not rounds_disagree(jitter)
+    # the same 30 % slowdown hitting every batch in round 2: load
+    loaded = StepTimings(
+        {b: ((1.0,), (1.3,), (1.0,), (1.0,)) for b in rounds},
+        {b: 1 for b in rounds},
+        "max_rounds",
+        0.3,
+    )
+    assert rounds_disagree(loaded)

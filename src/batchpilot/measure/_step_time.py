@@ -198,7 +198,9 @@ def rounds_disagree(timings: StepTimings, *, tolerance: float = 0.10) -> bool:
     """Whether some round ran more than ``tolerance`` slower than another: a busy machine.
 
     A burst of load slows every batch in its round alike, so a round's load factor is the median
-    over batches of its median divided by that batch's median over rounds.
+    over batches of its median divided by that batch's median over rounds. With 3 batches or
+    more, the gap must also exceed 3 standard errors of the two factors (from their spread over
+    batches): jitter that differs from batch to batch is not load.
 
     >>> rounds_disagree(StepTimings({1: ((1.0,), (1.0,), (2.0,))}, {1: 1}, "max_rounds", 0.5))
     True
@@ -207,11 +209,26 @@ def rounds_disagree(timings: StepTimings, *, tolerance: float = 0.10) -> bool:
     medians = [m for m in timings.round_medians().values() if statistics.median(m) > 0]
     if timings.rounds < 2 or not medians:
         return False
-    factors = [
-        statistics.median(m[r] / statistics.median(m) for m in medians)
-        for r in range(timings.rounds)
-    ]
-    return max(factors) > (1 + tolerance) * min(factors)
+    per_round = [[m[r] / statistics.median(m) for m in medians] for r in range(timings.rounds)]
+    factors = [statistics.median(f) for f in per_round]
+    slow, fast = (
+        max(range(len(factors)), key=factors.__getitem__),
+        min(range(len(factors)), key=factors.__getitem__),
+    )
+    if factors[slow] <= (1 + tolerance) * factors[fast]:
+        return False
+    if len(medians) < 3:
+        return True
+
+    # Load slows every batch of a round alike; timing jitter does not. A gap between rounds
+    # within 3 standard errors of their factors (from the spread over batches) is jitter.
+    def standard_error(values: list[float]) -> float:
+        centre = statistics.median(values)
+        mad = statistics.median(abs(v - centre) for v in values)
+        return 1.4826 * mad / math.sqrt(len(values))
+
+    noise = math.hypot(standard_error(per_round[slow]), standard_error(per_round[fast]))
+    return factors[slow] - factors[fast] > 3 * noise
 
 
 class MachineLoad(NamedTuple):
