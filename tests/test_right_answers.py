@@ -259,3 +259,36 @@ def test_with_checked_lr_replaces_the_lr_and_drops_a_verified_warmup() -> None:
     assert checked.reasons[-1].startswith("No warm-up")
     assert not any(r.startswith("Warm up") for r in checked.reasons)
     assert checked.to_dict()["lr_source"] == "checked"
+
+
+def test_tune_checks_adam_with_the_rescaled_betas() -> None:
+    from batchpilot.tune import TuneOptions, tune
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1536, 8, generator=generator)
+    labels = (x[:, :2].sum(dim=1) > 0).long()
+    task = Task(
+        model=lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)),
+        train_data=TensorDataset(x[:1024], labels[:1024]),
+        val_data=TensorDataset(x[1024:], labels[1024:]),
+        loss=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]),
+        optimizer=lambda params, lr: torch.optim.Adam(params, lr=lr),
+        reference_batch=16,
+        name="adam-task",
+    )
+    options = TuneOptions(
+        max_batch=64, throughput_steps=1, lr_steps=20, lr_repeats=1, noise_steps=60, check_seeds=1
+    )
+    result = tune(task, options)
+    rec, check = result.recommendation, result.lr_check
+    assert check is not None and rec.lr == check.lr
+    kappa = rec.global_batch / rec.reference_batch
+    if rec.lr_rule == "adam":  # κ < 10: betas and eps rescaled, and reported as settings to change
+        assert rec.betas == pytest.approx((1 - kappa * 0.1, 1 - kappa * 0.001))
+    else:  # κ = 1 (no change) or beyond the rule's reach (lr·√κ, betas kept)
+        assert rec.betas is None
+    from batchpilot.report.tune import build_tune_document
+
+    text = str(build_tune_document(result).sections[0].paragraphs[1])
+    assert text.startswith("Optimizer settings to change: lr")
+    assert ("betas" in text) == (rec.betas is not None)
