@@ -108,6 +108,18 @@ def test_measure_noise_scale_window_stops_a_fast_overfitting_task_early() -> Non
     assert windowed.progress_split == "val"
 
 
+def test_the_noise_plot_marks_the_window_not_the_run_end() -> None:
+    from batchpilot.plots.noise import plot_noise_history
+
+    task = _regression_task(train=48, val=512, features=40, noise=3.0)
+    windowed = measure_noise_scale(task, batch=16, steps=400, lr=0.05, seed=0, window=True)
+    assert windowed.window_steps < windowed.steps
+    ax = plot_noise_history(windowed)
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert "window's end" in labels
+    assert any(label.startswith("critical batch over the window") for label in labels)
+
+
 def test_measure_noise_scale_time_budget_binds() -> None:
     task = _regression_task(train=4096, val=256, features=8, noise=1.0)
     result = measure_noise_scale(

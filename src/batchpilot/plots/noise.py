@@ -15,8 +15,9 @@ from batchpilot.plan._goodput import GoodputPlan
 def plot_noise_history(
     result: NoiseScaleResult | Sequence[NoiseScalePoint], ax: Axes | None = None
 ) -> Axes:
-    """The running noise-scale estimate over the training steps (log scale), with the final
-    interval and, for a measurement result, the run's critical batch and the measured batch."""
+    """The running noise-scale estimate over the training steps (log scale); for a measurement
+    result, the window's end with the estimate's interval there, the critical batch over the
+    window and the measured batch."""
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.6))
     history = result.history if isinstance(result, NoiseScaleResult) else tuple(result)
@@ -25,24 +26,32 @@ def plot_noise_history(
         ax.plot([p.step for p in finite], [p.noise_scale for p in finite], label="B_simple (EMA)")
         ax.set_yscale("log")
     if isinstance(result, NoiseScaleResult) and finite:
+        # the estimate and its interval are read at the window's end, not at the run's
         low, high = result.noise_scale_interval
-        last = finite[-1]
-        if math.isfinite(low) and low > 0 and math.isfinite(high):
+        end, estimate = result.window_steps or finite[-1].step, result.noise_scale
+        if (
+            math.isfinite(low)
+            and math.isfinite(high)
+            and math.isfinite(estimate)
+            and 0 < low <= estimate <= high
+        ):
             ax.errorbar(
-                [last.step],
-                [last.noise_scale],
-                yerr=[[last.noise_scale - low], [high - last.noise_scale]],
+                [end],
+                [estimate],
+                yerr=[[estimate - low], [high - estimate]],
                 fmt="o",
                 color="C0",
                 capsize=4,
-                label="95% interval",
+                label="95% interval at the window's end",
             )
+        if result.window_steps and result.window_steps < result.steps:
+            ax.axvline(result.window_steps, color="0.6", ls="-.", label="window's end")
         if math.isfinite(result.critical_batch) and result.critical_batch > 0:
             ax.axhline(
                 result.critical_batch,
                 color="C2",
                 ls="--",
-                label=f"run's critical batch ≈ {result.critical_batch:.3g}",
+                label=f"critical batch over the window ≈ {result.critical_batch:.3g}",
             )
         ax.axhline(result.batch, color="0.5", ls=":", label=f"measured at batch {result.batch}")
         ax.set_title(f"gradient noise scale: {result.task}, lr {result.lr:.3g}")

@@ -7,7 +7,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from batchpilot.jsonio import to_json
-from batchpilot.plan._scaling import plan_scaling
 from batchpilot.plots.lr_find import plot_lr_check, plot_lr_find
 from batchpilot.plots.memory import plot_memory, plot_step_time_residuals, plot_throughput
 from batchpilot.plots.noise import plot_goodput, plot_noise_history
@@ -451,19 +450,33 @@ def _lr_check_section(result: TuneResult) -> Section:
 
 
 def _arithmetic(result: TuneResult) -> Section:
-    rec = result.recommendation
-    plan = plan_scaling(
-        ref_batch=rec.reference_batch,
-        ref_lr=rec.reference_lr,
-        batch=rec.global_batch,
-        micro_batch=rec.micro_batch,
-        world_size=rec.world_size,
-        rule="none",
-        dataset_size=result.task.train_size,
-        epochs=10,
-        warmup_epochs=rec.warmup_epochs,
+    """The epoch and iteration arithmetic of the recommendation, read from it (nothing re-planned)."""
+    rec, size = result.recommendation, result.task.train_size
+    per_step = rec.global_batch
+    full, left = divmod(size, per_step)
+    lines = [
+        f"Global batch {rec.global_batch} = micro-batch {rec.micro_batch} × "
+        f"{rec.accumulation_steps} accumulation steps × {rec.world_size} devices"
+        + (
+            f". Each micro-loss is divided by {rec.accumulation_steps} before backward."
+            if rec.accumulation_steps > 1
+            else "."
+        ),
+        f"κ = global batch / reference batch = {rec.global_batch} / {rec.reference_batch} = "
+        f"{rec.global_batch / rec.reference_batch:g}.",
+        f"{size} samples / {per_step} per step = {rec.steps_per_epoch} steps per epoch"
+        + (f" ({full} with drop_last, which skips the last {left} samples)." if left else "."),
+        f"10 epochs × {rec.steps_per_epoch} steps = {10 * rec.steps_per_epoch} optimizer steps in all.",
+    ]
+    if rec.predicted_steps is not None:
+        lines.append(
+            f"The plan predicts ~{rec.predicted_steps:.0f} steps at this batch to the loss the "
+            "noise-scale window reached."
+        )
+    lines.append(
+        f"Warm-up: {rec.warmup_steps} steps"
+        + (f" ({rec.warmup_reason})." if rec.warmup_reason else ".")
     )
-    lines = [line for line in plan.explanation if "Rule none" not in line and "New lr" not in line]
     return Section(
         "Epochs and iterations",
         bullets=lines,
