@@ -19,6 +19,7 @@ from batchpilot.measure._hygiene import (
     busy_cores,
     choose_threads,
     fixed_threads,
+    seconds_since_process_start,
 )
 from batchpilot.measure._lr_check import (
     GRID_FACTOR,
@@ -206,6 +207,7 @@ __all__ = [
     "round_batch",
     "rounds_disagree",
     "search_max_batch",
+    "seconds_since_process_start",
     "smoothed_noise",
     "spread",
     "stability_edge",

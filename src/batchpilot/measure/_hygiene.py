@@ -119,4 +119,28 @@ def fixed_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-__all__ = ["MeasurementConditions", "busy_cores", "choose_threads", "fixed_threads"]
+def seconds_since_process_start() -> float:
+    """Wall seconds since this process started (from ``/proc``; 0 where there is none), so a
+    command's time budget can include its own start-up: importing torch takes seconds on a
+    busy machine.
+
+    >>> 0.0 <= seconds_since_process_start() < 86400 * 365
+    True
+    """
+    try:
+        with open("/proc/self/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as uptime:
+            now = float(uptime.read().split()[0])
+        return max(0.0, now - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+__all__ = [
+    "MeasurementConditions",
+    "busy_cores",
+    "choose_threads",
+    "fixed_threads",
+    "seconds_since_process_start",
+]
