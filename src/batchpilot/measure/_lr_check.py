@@ -4,7 +4,8 @@ A scaling rule (linear, square-root, noise-aware, Adam's) carries an lr measured
 another, and every input to it is a measurement with its own noise: the range test's lr, the noise
 scale. :func:`check_lr` trains the new batch for the steps the plan predicts at the grid point
 nearest the rule's lr and at its neighbours (``×√2``, ``÷√2``), with a few seeds each, and extends
-the grid while the best candidate sits at its edge, so the optimum it reports is interior. The
+the grid while the candidates that tie with the best (below) reach its edge, so the optimum it
+reports is interior and the tie bounded on both sides. The
 grid is fixed (powers of √2, as in :func:`~batchpilot.measure._lr_range.verification_candidates`),
 so two runs whose rule lrs differ a little propose the same lrs, and adjacent answers differ by at
 most ×1.41.
@@ -119,12 +120,18 @@ def _exponent(lr: float) -> int:
     return round(math.log(lr) / math.log(GRID_FACTOR))
 
 
+def _tied(trials: dict[float, LrTrial], best: LrTrial) -> list[float]:
+    """The lrs that tie with ``best``: medians at or below its worst seed."""
+    reach = max(best.losses)
+    return sorted(t.lr for t in trials.values() if math.isfinite(t.median) and t.median <= reach)
+
+
 def _decide(trials: dict[float, LrTrial], best: LrTrial, centre: float) -> tuple[float, str]:
     """The centre of the tie: every lr whose median is within the best's reach (at or below the
     best's worst seed) ties with it; the grid point halfway between the tie's lowest and highest
     lr is chosen (of two middle points, the one with the lower median)."""
     reach = max(best.losses)
-    tied = sorted(t.lr for t in trials.values() if math.isfinite(t.median) and t.median <= reach)
+    tied = _tied(trials, best)
     low, high = _exponent(tied[0]), _exponent(tied[-1])
     middle = [k for k in {math.floor((low + high) / 2), math.ceil((low + high) / 2)}]
     by_exponent = {_exponent(t.lr): t for t in trials.values()}
@@ -162,9 +169,9 @@ def check_lr(
 ) -> LrCheck:
     """Train ``task`` at ``micro_batch × accumulation_steps`` for ``steps`` steps at the √2-grid
     point nearest ``rule_lr`` and its two neighbours (``seeds`` seeds each, from ``seed``), then
-    one grid point further while the best is at an edge of what was tried (up to
-    ``MAX_EXTENSIONS`` times, never past an lr that diverged), and choose by the rule in the
-    module docstring. ``time_budget_seconds`` stops the extensions (and further candidates) once
+    one grid point further while the lrs that tie with the best reach an edge of what was tried
+    (up to ``MAX_EXTENSIONS`` times, never above an lr that diverged), and choose by the rule in
+    the module docstring. ``time_budget_seconds`` stops the extensions (and further candidates) once
     spent: the result says whether the grid was ``complete``. ``on_run(runs_done)`` after each
     candidate.
     """
@@ -202,18 +209,20 @@ def check_lr(
         run(centre * GRID_FACTOR**k)
     for _ in range(MAX_EXTENSIONS):
         best = min(trials.values(), key=lambda t: (t.median, t.lr))
+        tied = _tied(trials, best) if math.isfinite(best.median) else []
+        diverged_above = any(t.diverged and t.lr > best.lr for t in trials.values())
         if not math.isfinite(best.median):
-            below = min(trials) / GRID_FACTOR  # every candidate diverged: go lower
-        elif best.lr == max(trials) and not any(t.diverged for t in trials.values()):
-            below = best.lr * GRID_FACTOR
-        elif best.lr == min(trials):
-            below = best.lr / GRID_FACTOR
+            nxt = min(trials) / GRID_FACTOR  # every candidate diverged: go lower
+        elif max(trials) in tied and not diverged_above:
+            nxt = max(trials) * GRID_FACTOR  # the tie reaches the top: bound it
+        elif min(trials) in tied:
+            nxt = min(trials) / GRID_FACTOR
         else:
             break
         if out_of_time():
             complete = False
             break
-        run(below)
+        run(nxt)
     ranked = sorted(trials.values(), key=lambda t: (t.median, t.lr))
     best = ranked[0]
     best_lr = best.lr if math.isfinite(best.median) else None
