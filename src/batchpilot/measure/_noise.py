@@ -53,6 +53,7 @@ from batchpilot.checks import (
 from batchpilot.data import batch_size as samples_in
 from batchpilot.data import to_device
 from batchpilot.errors import BadInputError
+from batchpilot.precision import backward, make_scaler, optimizer_step
 from batchpilot.state import preserved_rng
 from batchpilot.task import Task
 from batchpilot.training._loop import evaluate
@@ -850,7 +851,8 @@ WINDOW_SPACING = 0.2
 # task's own pace instead of a fixed count.
 WINDOW_PATIENCE = 1.5
 # ... or once the second half of the run has bought less than this share of its (log-loss)
-# progress: the loss has flattened, wherever the machine's speed put the time budget.
+# progress, the loss having at least halved: it has flattened, wherever the machine's speed put
+# the time budget.
 DIMINISHING_RETURNS = 0.05
 # The shortest window: 1.5 time constants of the default moving averages (1 / (1 − 0.95) = 20
 # steps), and past the first quick drop of a loss that then sits on a plateau for a while.
@@ -900,6 +902,7 @@ class NoiseScaleResult:
     plan_noise_scale: float = math.nan
     plan_interval: tuple[float, float] = (math.nan, math.nan)
     plan_quantity: PlanQuantity = "noise scale at the end of the window"
+    precision: str = "32"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -946,8 +949,8 @@ class _Window:
     def diminishing(self, step: int) -> bool:
         """Whether the best signal since half-way is within ``DIMINISHING_RETURNS`` of the
         run's whole progress, measured in log-loss (a loss that falls as a power of the steps
-        keeps a steady share and never stops; one that flattens does), in loss where a value is
-        not positive."""
+        keeps a steady share and never stops; one that flattens does), once the loss has at
+        least halved; never for a signal that is not positive."""
         assert self.best is not None
         if step < 2 * self.min_steps or not self.progressed():
             return False
@@ -956,11 +959,12 @@ class _Window:
         if not half:
             return False
         at_half, best = min(half), self.best[1]
-        if min(first, at_half, best) > 0:
-            gained, total = math.log(at_half / best), math.log(first / best)
-        else:
-            gained, total = at_half - best, first - best
-        return total > 0 and gained < DIMINISHING_RETURNS * total
+        if min(first, at_half, best) <= 0:
+            return False  # no log scale to judge progress on: the other rules decide
+        gained, total = math.log(at_half / best), math.log(first / best)
+        # a loss that has not even halved has not converged to anything: it may sit on a
+        # plateau (or the lr be too low), so only the other rules may end its run
+        return total >= math.log(2.0) and gained < DIMINISHING_RETURNS * total
 
     def overfitting(self, step: int, train_losses: Sequence[float]) -> bool:
         assert self.best is not None
@@ -1110,7 +1114,9 @@ def measure_noise_scale(
     or an lr too low to move it) keeps the whole run as the window.
 
     The run draws from ``seed`` and leaves the caller's RNG as it was. A non-finite loss stops it
-    (``diverged``). ``on_step(step, loss)`` is called after each step.
+    (``diverged``). ``on_step(step, loss)`` is called after each step. The loss runs in the task's
+    precision; under ``"16-mixed"`` a step whose gradients overflowed is skipped by the
+    ``GradScaler`` and left out of the estimate (``skipped_steps``).
     """
     micro = check_split(task, batch=batch, micro_batches=micro_batches)
     check_run_steps("steps", steps)
@@ -1127,8 +1133,12 @@ def measure_noise_scale(
         check_trainable(model)
         model.train()
         optimizer = task.make_optimizer(model.parameters(), lr)
+        # "16-mixed": the estimator reads the scaled gradients and divides the scale out; the
+        # scaler unscales them after it, before the step
+        scaler = make_scaler(task.precision, device)
         noise = GradientNoiseScale(
             model,
+            scaler=scaler,
             reduction=task.reduction,
             ema_decay=ema_decay,
             block_steps=block_steps,
@@ -1149,7 +1159,7 @@ def measure_noise_scale(
                 for _ in range(micro_batches):
                     part = to_device(next(source), device)
                     loss = task.compute_loss(model, part)
-                    (loss / micro_batches if task.reduction == "mean" else loss).backward()
+                    backward(loss / micro_batches if task.reduction == "mean" else loss, scaler)
                     n = samples_in(part)
                     noise.record_micro_batch(n)
                     value = float(loss.detach())
@@ -1161,7 +1171,7 @@ def measure_noise_scale(
                     reason = f"divergence at step {step + 1}"
                     break
                 noise.finish_step()
-                optimizer.step()
+                optimizer_step(optimizer, scaler)
                 losses.append(mean_loss)
                 since_eval.append(mean_loss)
                 if on_step is not None:
@@ -1231,6 +1241,7 @@ def measure_noise_scale(
         plan_noise_scale=planned,
         plan_interval=interval,
         plan_quantity=quantity,
+        precision=task.precision,
     )
 
 
