@@ -10,9 +10,9 @@ grid is fixed (powers of √2, as in :func:`~batchpilot.measure._lr_range.verifi
 so two runs whose rule lrs differ a little propose the same lrs, and adjacent answers differ by at
 most ×1.41.
 
-The decision is a stated rule, not the accident of one seed: every lr whose median loss is at or
-below the best candidate's worst seed ties with the best, and the grid point at the centre of the
-tie is chosen (the rule's own point when it is there). A flat optimum, where several lrs train
+The decision is a stated rule, not the accident of one seed: every lr whose median loss is within
+two standard errors of the best's (the seeds' spread pooled over candidates) ties with the best,
+and the grid point at the centre of the tie is chosen (the rule's own point when it is there). A flat optimum, where several lrs train
 alike, answers its middle whatever noise ranked first; a sharp one answers its best (Shallue et
 al. 2019 re-tune the lr at every batch for the same reason: the best constant lr at a batch is
 found by training, not by formula).
@@ -120,17 +120,32 @@ def _exponent(lr: float) -> int:
     return round(math.log(lr) / math.log(GRID_FACTOR))
 
 
+def _reach(trials: dict[float, LrTrial], best: LrTrial) -> float:
+    """The highest median that ties with ``best``: two standard errors of a difference of two
+    medians above it, σ pooled over every candidate's seeds (the seed-to-seed spread of a loss
+    is about the same at neighbouring lrs, and pooling steadies it). One seed each: no tie."""
+    groups = [t.losses for t in trials.values() if math.isfinite(t.median) and len(t.losses) > 1]
+    dof = sum(len(g) - 1 for g in groups)
+    if not dof:
+        return best.median
+    squares = sum((v - sum(g) / len(g)) ** 2 for g in groups for v in g)
+    sigma = math.sqrt(squares / dof)
+    # the median of n draws has a standard error of about 1.2533 σ / √n
+    se_difference = math.sqrt(2.0) * 1.2533 * sigma / math.sqrt(len(best.losses))
+    return best.median + 2.0 * se_difference
+
+
 def _tied(trials: dict[float, LrTrial], best: LrTrial) -> list[float]:
-    """The lrs that tie with ``best``: medians at or below its worst seed."""
-    reach = max(best.losses)
+    """The lrs that tie with ``best``: medians within :func:`_reach` of it."""
+    reach = _reach(trials, best)
     return sorted(t.lr for t in trials.values() if math.isfinite(t.median) and t.median <= reach)
 
 
 def _decide(trials: dict[float, LrTrial], best: LrTrial, centre: float) -> tuple[float, str]:
-    """The centre of the tie: every lr whose median is within the best's reach (at or below the
-    best's worst seed) ties with it; the grid point halfway between the tie's lowest and highest
-    lr is chosen (of two middle points, the one with the lower median)."""
-    reach = max(best.losses)
+    """The centre of the tie: every lr whose median is within the best's reach (:func:`_reach`)
+    ties with it; the grid point halfway between the tie's lowest and highest lr is chosen (of
+    two middle points, the one with the lower median)."""
+    reach = _reach(trials, best)
     tied = _tied(trials, best)
     low, high = _exponent(tied[0]), _exponent(tied[-1])
     middle = [k for k in {math.floor((low + high) / 2), math.ceil((low + high) / 2)}]
@@ -147,7 +162,7 @@ def _decide(trials: dict[float, LrTrial], best: LrTrial, centre: float) -> tuple
     else:
         reason = (
             f"{len(tied)} lrs from {tied[0]:.3g} to {tied[-1]:.3g} tie with the best "
-            f"{best.lr:.3g} (medians at or below its worst seed, {reach:.4g}); the tie's centre "
+            f"{best.lr:.3g} (medians within 2 standard errors of its, ≤ {reach:.4g}); the tie's centre "
             f"{chosen.lr:.3g} is chosen"
             + (", the rule's own" if chosen.lr == centre else f" (the rule gave {centre:.3g})")
         )
@@ -213,12 +228,20 @@ def check_lr(
         diverged_above = any(t.diverged and t.lr > best.lr for t in trials.values())
         if not math.isfinite(best.median):
             nxt = min(trials) / GRID_FACTOR  # every candidate diverged: go lower
-        elif max(trials) in tied and not diverged_above:
-            nxt = max(trials) * GRID_FACTOR  # the tie reaches the top: bound it
-        elif min(trials) in tied:
-            nxt = min(trials) / GRID_FACTOR
         else:
-            break
+            top = max(trials) in tied and not diverged_above
+            bottom = min(trials) in tied
+            if top and bottom:  # both edges: extend on the side nearer the best (below if even)
+                top = _exponent(max(trials)) - _exponent(best.lr) < (
+                    _exponent(best.lr) - _exponent(min(trials))
+                )
+                bottom = not top
+            if top:
+                nxt = max(trials) * GRID_FACTOR  # the tie reaches the top: bound it
+            elif bottom:
+                nxt = min(trials) / GRID_FACTOR
+            else:
+                break
         if out_of_time():
             complete = False
             break
