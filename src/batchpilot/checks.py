@@ -27,6 +27,10 @@ Reduction = Literal["mean", "sum"]
 MAX_RUN_STEPS = 100_000_000
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
+# Mixed precision, in Lightning's names (what each means: batchpilot.precision).
+Precision = Literal["32", "bf16-mixed", "16-mixed"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
 
 def check_positive_int(name: str, value: int) -> int:
     """Return ``value`` if it is a positive integer, else raise naming ``name``."""
@@ -82,6 +86,21 @@ def check_reduction(reduction: str) -> Reduction:
             f"reduction: unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}"
         )
     return reduction  # type: ignore[return-value]
+
+
+def check_precision(precision: object, name: str = "precision") -> Precision:
+    """``precision`` if it is one of :data:`PRECISIONS`, else one line naming ``name``.
+
+    >>> check_precision("bf16-mixed")
+    'bf16-mixed'
+    >>> check_precision("fp8", "--precision")
+    Traceback (most recent call last):
+    ...
+    batchpilot.errors.BadInputError: --precision: expected one of 32, bf16-mixed, 16-mixed, got 'fp8'
+    """
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise BadInputError(f"{name}: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision  # type: ignore[return-value]
 
 
 __all__ = [

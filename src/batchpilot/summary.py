@@ -34,6 +34,7 @@ class TaskSummary:
     optimizer: str
     reference_batch: int | None
     reference_lr: float | None
+    precision: str = "32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,4 +76,5 @@ def summarize_task(task: Task, *, device: torch.device | str = "cpu", seed: int 
         optimizer=type(optimizer).__name__,
         reference_batch=task.reference_batch,
         reference_lr=task.reference_lr,
+        precision=task.precision,
     )

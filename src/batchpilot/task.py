@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
 import torch
@@ -29,9 +29,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate, default_convert
 
-from batchpilot.checks import Reduction
+from batchpilot.checks import Precision, Reduction, check_precision
 from batchpilot.errors import BadInputError, UserCodeError
 from batchpilot.oom import is_out_of_memory
+from batchpilot.precision import autocast, device_type_of
 from batchpilot.state import preserved_rng
 
 MetricMode = Literal["min", "max"]
@@ -67,6 +68,9 @@ class Task:
         collate_fn: optional collate function for the data loaders.
         name: a short name for reports.
         reference_batch, reference_lr: a (batch, lr) known to work, if the user has one.
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (Lightning's names): every
+            measurement and training run computes the loss under this autocast (with a
+            ``GradScaler`` for ``"16-mixed"``); see :mod:`batchpilot.precision`.
     """
 
     model: ModelFactory
@@ -82,6 +86,7 @@ class Task:
     name: str = "task"
     reference_batch: int | None = None
     reference_lr: float | None = None
+    precision: Precision = "32"
 
     def __post_init__(self) -> None:
         for field_name in ("model", "loss", "optimizer"):
@@ -119,6 +124,7 @@ class Task:
             raise BadInputError(
                 f"Task.reference_lr: expected a positive number, got {self.reference_lr!r}"
             )
+        check_precision(self.precision, "Task.precision")
 
     @classmethod
     def from_dataloader(
@@ -204,14 +210,35 @@ class Task:
             )
         return optimizer
 
-    def compute_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """``loss(model, batch)``, checked to be a scalar tensor.
+    def with_precision(self, precision: str | None) -> Task:
+        """This task at ``precision`` (``None``: as it is).
 
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> task = Task(
+        ...     model=lambda: torch.nn.Linear(3, 1),
+        ...     train_data=TensorDataset(torch.randn(8, 3), torch.randn(8, 1)),
+        ...     loss=lambda model, batch: torch.nn.functional.mse_loss(model(batch[0]), batch[1]),
+        ...     optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr),
+        ... )
+        >>> task.precision, task.with_precision("bf16-mixed").precision
+        ('32', 'bf16-mixed')
+        """
+        if precision is None or precision == self.precision:
+            return self
+        return replace(self, precision=check_precision(precision))
+
+    def compute_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """``loss(model, batch)`` under the task's autocast, checked to be a scalar tensor.
+
+        The autocast is that of :attr:`precision` on the model's device (nothing for ``"32"``).
         Out-of-memory errors pass through unchanged so that memory searches can recognise them;
         any other exception is the user's and is wrapped in :class:`UserCodeError`.
         """
+        context = autocast(self.precision, device_type_of(model))
         try:
-            value = self.loss(model, batch)
+            with context:
+                value = self.loss(model, batch)
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise
@@ -232,8 +259,10 @@ class Task:
         """The validation metric on one batch, as a float."""
         if self.metric is None:
             raise BadInputError("Task.metric: this task has no metric")
+        context = autocast(self.precision, device_type_of(model))
         try:
-            value = self.metric(model, batch)
+            with context:
+                value = self.metric(model, batch)
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from batchpilot.checks import check_positive_float, check_positive_int
+from batchpilot.checks import check_positive_float, check_positive_int, check_precision
 from batchpilot.errors import BadInputError, BatchpilotError
 from batchpilot.measure._hygiene import MeasurementConditions, choose_threads, fixed_threads
 from batchpilot.measure._lr_check import LrCheck, check_lr, with_adam_scaling
@@ -73,7 +73,11 @@ class TuneProgress(Protocol):
 
 @dataclass(frozen=True)
 class TuneOptions:
-    """Budgets and settings of every phase; defaults finish the built-in examples in a minute."""
+    """Budgets and settings of every phase; defaults finish the built-in examples in a minute.
+
+    ``precision`` (``"32"``, ``"bf16-mixed"``, ``"16-mixed"``) overrides the task's
+    :attr:`~batchpilot.Task.precision`; ``None`` measures in the task's own.
+    """
 
     device: str = "cpu"
     seed: int = 0
@@ -97,6 +101,7 @@ class TuneOptions:
     verify_epochs: float = 5.0
     time_budget_seconds: float | None = DEFAULT_TIME_BUDGET_SECONDS
     threads: int | None = None
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("world_size", self.world_size)
@@ -119,6 +124,8 @@ class TuneOptions:
             check_positive_float("time_budget", self.time_budget_seconds)
         if self.threads is not None:
             check_positive_int("threads", self.threads)
+        if self.precision is not None:
+            check_precision(self.precision)
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,7 @@ class TuneResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "recommendation": self.recommendation.to_dict(),
+            "precision": self.task.precision,
             "task": self.task.to_dict(),
             "options": asdict(self.options),
             "memory": self.memory.to_dict(),
@@ -220,9 +228,11 @@ def tune(
     Every measurement runs with one intra-op thread count, chosen at the start from the cores
     that are free (:func:`~batchpilot.measure._hygiene.choose_threads`), and every phase is sized
     to fit ``options.time_budget_seconds``. If a phase fails, :class:`TuneIncomplete` carries
-    what was measured before it.
+    what was measured before it. Every phase runs in ``options.precision``, else the task's
+    precision (memory, throughput, the range test, the noise scale and every training run).
     """
     options = options or TuneOptions()
+    task = task.with_precision(options.precision)
     if task.train_size < 4:
         raise BadInputError(
             f"task: tune needs at least 4 training samples (the range test and the noise scale "

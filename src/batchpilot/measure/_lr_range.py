@@ -53,6 +53,7 @@ from batchpilot.measure._lr_suggest import (
     spread,
     suggest,
 )
+from batchpilot.precision import make_scaler, optimizer_step
 from batchpilot.state import preserved, preserved_rng
 from batchpilot.task import Task
 from batchpilot.training._loop import accumulate_gradients, micro_batches, train
@@ -216,6 +217,7 @@ class LRFinderResult:
     diverged_at: float | None
     seconds: float
     verification: Verification | None = None
+    precision: str = "32"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -238,6 +240,7 @@ class LRFinderResult:
             "smoothing": self.smoothing,
             "divergence_factor": self.divergence_factor,
             "reduction": self.reduction,
+            "precision": self.precision,
             "diverged_at": self.diverged_at,
             "seconds": self.seconds,
             "runs": [run.to_dict() for run in self.runs],
@@ -430,6 +433,7 @@ def find_lr(
         reduction=task.reduction,
         diverged_at=min(diverged) if diverged else None,
         seconds=time.perf_counter() - start,
+        precision=task.precision,
     )
     if verify_steps is None:
         return result
@@ -769,12 +773,14 @@ def _range_run(
 ) -> RangeRun:
     start = time.perf_counter()
     source = micro_batches(task, micro_batch, seed=seed)
+    # "16-mixed": the loss is scaled and the gradients unscaled before each step, as in training
+    scaler = make_scaler(task.precision, device)
 
     def forward_backward() -> float:
         model.zero_grad(set_to_none=True)
         optimizer.zero_grad(set_to_none=True)
         batches = [next(source) for _ in range(accumulation_steps)]
-        return accumulate_gradients(task, model, batches, device=device)
+        return accumulate_gradients(task, model, batches, device=device, scaler=scaler)
 
     model.train()
     initial = forward_backward()
@@ -790,7 +796,7 @@ def _range_run(
     for step, lr in enumerate(schedule):
         for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
             _set_group_lr(group, float(lr) * ratio)
-        optimizer.step()
+        optimizer_step(optimizer, scaler)
         # The loss after this step (on the next batch) is the point for this step's lr; its
         # gradients drive the next step.
         loss = forward_backward()

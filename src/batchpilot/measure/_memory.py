@@ -11,8 +11,11 @@ created by a first step. Its peak is measured
   can answer what fits on a card it does not have.
 
 Every probe batch repeats the training set's largest sample, so variable-size inputs are measured
-at their worst. :class:`MemoryProbe` keeps one model and optimizer for a series of probes and, on
-exit, leaves the user's model, optimizer and RNG bitwise as they were and frees what it allocated.
+at their worst. The step runs in the task's precision (:attr:`Task.precision`): the loss under its
+autocast, and for ``"16-mixed"`` through a ``GradScaler`` (except on fake tensors, which run no
+scaler: its memory is one scalar). :class:`MemoryProbe` keeps one model and optimizer for a
+series of probes and, on exit, leaves the user's model, optimizer and RNG bitwise as they were and
+frees what it allocated.
 
 >>> from batchpilot.loading import load_task
 >>> step = measure_step_memory(load_task(example="xor4"), 8, mode="fake")
@@ -31,6 +34,7 @@ import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import Any, Literal, get_args
 
@@ -45,6 +49,7 @@ from batchpilot.data import to_device
 from batchpilot.devices import release_memory
 from batchpilot.errors import BadInputError, UserCodeError
 from batchpilot.oom import is_out_of_memory
+from batchpilot.precision import backward, make_scaler, optimizer_step, step_skipped
 from batchpilot.state import preserved, preserved_rng
 from batchpilot.task import Task
 
@@ -56,6 +61,12 @@ _TEMPLATE_SIZE = 2
 
 # Above this many samples the largest one is looked for in a seeded subset, not the whole set.
 LARGEST_SAMPLE_SCAN = 2048
+
+# Under "16-mixed" a step whose gradients overflowed is skipped by the GradScaler (no optimizer
+# step, so a lower peak) and run again: up to this many times while priming (the scale starts at
+# 2**16 and halves on each overflow until it settles), and this many for a probe.
+_PRIMING_SKIPS = 24
+_PROBE_SKIPS = 2
 
 
 @dataclass(frozen=True)
@@ -399,18 +410,22 @@ def training_step(
     *,
     device: torch.device,
     set_to_none: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Forward, backward and optimizer step on ``batch``.
+    """Forward, backward and optimizer step on ``batch``, in the task's precision.
 
-    Out-of-memory errors pass through unchanged; any other exception from the user's code is
-    raised as :class:`UserCodeError` naming where it came from.
+    The forward runs under the task's autocast (:meth:`Task.compute_loss`); with a ``scaler``
+    (``"16-mixed"``, from :func:`batchpilot.precision.make_scaler`) the loss is scaled and the
+    gradients are unscaled before the step, whose cost (a few small kernels and one device sync)
+    is part of the step. Out-of-memory errors pass through unchanged; any other exception from
+    the user's code is raised as :class:`UserCodeError` naming where it came from.
     """
     optimizer.zero_grad(set_to_none=set_to_none)
     batch = to_device(batch, device)
     loss = task.compute_loss(model, batch)
-    _user_call("loss.backward()", loss.backward)
+    _user_call("loss.backward()", partial(backward, loss, scaler))
     del loss, batch
-    _user_call("optimizer.step()", optimizer.step)
+    _user_call("optimizer.step()", partial(optimizer_step, optimizer, scaler))
 
 
 def _user_call(where: str, function: Any) -> None:
@@ -498,6 +513,10 @@ class MemoryProbe(AbstractContextManager["MemoryProbe"]):
         self.steps = 0
         self.priming: StepMemory | None = None
         self.min_micro_batch = 1
+        # "16-mixed": the loss scaler every step goes through (none on fake tensors, whose
+        # overflow check cannot read a value; its memory is one scalar and in-place unscaling)
+        self.scaler: torch.amp.GradScaler | None = None
+        self._skips = _PRIMING_SKIPS
         self._sample: Any = None
         self._template: Any = None
         if model is not None and self.mode == "fake":
@@ -532,6 +551,8 @@ class MemoryProbe(AbstractContextManager["MemoryProbe"]):
         assert self.model is not None
         check_trainable(self.model)
         self.model.train()
+        if self._fake_mode is None:
+            self.scaler = make_scaler(task.precision, self.device)
         # Priming: from here on gradients and optimizer state exist, as in a long run, and the
         # first-call costs (kernel selection, caches) are paid before anything is measured.
         out_of_memory = False
@@ -541,6 +562,7 @@ class MemoryProbe(AbstractContextManager["MemoryProbe"]):
             if not is_out_of_memory(exc):
                 raise
             out_of_memory = True
+        self._skips = _PROBE_SKIPS
         if out_of_memory:  # raised here, so that no traceback keeps the failed step's tensors
             raise BadInputError(
                 f"budget_bytes: not even a micro-batch of 1 fits on {self.device}: a training "
@@ -605,6 +627,7 @@ class MemoryProbe(AbstractContextManager["MemoryProbe"]):
     ) -> None:
         self.model = None
         self.optimizer = None
+        self.scaler = None
         self._sample = None
         self._template = None
         try:
@@ -625,7 +648,18 @@ class MemoryProbe(AbstractContextManager["MemoryProbe"]):
                 batch = _fake_batch(self._template, _TEMPLATE_SIZE, micro_batch, self.device)
             else:
                 batch = _collate(self.task, [self._sample] * micro_batch)
-            training_step(self.task, self.model, self.optimizer, batch, device=self.device)
+            for _ in range(self._skips if self.scaler is not None else 1):
+                scale = None if self.scaler is None else self.scaler.get_scale()
+                training_step(
+                    self.task,
+                    self.model,
+                    self.optimizer,
+                    batch,
+                    device=self.device,
+                    scaler=self.scaler,
+                )
+                if not step_skipped(self.scaler, scale):
+                    break
         except UserCodeError as exc:
             explained = _explain_fake_failure(exc) if self._fake_mode is not None else None
             if explained is not None:

@@ -418,6 +418,7 @@ class MaxBatchResult:
     fitted to the probes' peaks. ``margin_bytes`` is the user's margin (``margin · budget``) plus
     ``overhead_bytes``, the allocator's overhead (reserved − allocated) measured at the largest
     probe; a step fitted when its peak stayed within ``limit_bytes = budget_bytes − margin_bytes``.
+    ``precision`` is the task's precision the steps ran in.
     """
 
     max_micro_batch: int
@@ -440,6 +441,7 @@ class MaxBatchResult:
     seconds: float
     probes: tuple[Probe, ...]
     notes: tuple[str, ...] = ()
+    precision: str = "32"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -459,6 +461,7 @@ class MaxBatchResult:
             "capped_by": self.capped_by,
             "mode": self.mode,
             "device": self.device,
+            "precision": self.precision,
             "steps": self.steps,
             "seconds": self.seconds,
             "probes": [probe.to_dict() for probe in self.probes],
@@ -614,6 +617,7 @@ def find_max_batch(
         seconds=time.perf_counter() - started,
         probes=outcome.probes,
         notes=tuple(notes),
+        precision=task.precision,
     )
 
 

@@ -51,6 +51,7 @@ from batchpilot.measure._step_time import (
 )
 from batchpilot.oom import is_out_of_memory
 from batchpilot.plan._split import SPEED_TIE
+from batchpilot.precision import make_scaler
 from batchpilot.state import preserved, preserved_rng
 from batchpilot.task import Task
 from batchpilot.training._loop import micro_batches
@@ -149,7 +150,8 @@ class RoundingCost:
 class ThroughputCurve:
     """Samples per second against micro-batch, with the knee and the best batch.
 
-    ``stopped_at`` is the batch that ran out of memory and ended the ladder, if one did.
+    ``stopped_at`` is the batch that ran out of memory and ended the ladder, if one did;
+    ``precision`` the task's precision the steps ran in.
     """
 
     points: tuple[ThroughputPoint, ...]
@@ -166,6 +168,7 @@ class ThroughputCurve:
     timings: StepTimings | None = None
     conditions: MeasurementConditions | None = None
     warnings: tuple[str, ...] = ()
+    precision: str = "32"
 
     def samples_per_second_at(self, batch: int) -> float:
         """Speed at ``batch``: from the fitted step-time model when there is one, else
@@ -230,6 +233,7 @@ class ThroughputCurve:
             "knee_fraction": self.knee_fraction,
             "rounding": [cost.to_dict() for cost in self.rounding],
             "device": self.device,
+            "precision": self.precision,
             "warmup_steps": self.warmup_steps,
             "timed_steps": self.timed_steps,
             "stopped_at": self.stopped_at,
@@ -263,6 +267,7 @@ def _warm(
     device: torch.device,
     warmup_steps: int,
     seed: int,
+    scaler: torch.amp.GradScaler | None,
 ) -> tuple[list[Any], float, float]:
     """Loads ``batch``'s micro-batches onto the device (before any clock runs: the step is
     timed, not the loader) and runs the warm-up steps; returns them and the slowest step's
@@ -276,7 +281,13 @@ def _warm(
         synchronize(device)
         start = time.perf_counter()
         training_step(
-            task, model, optimizer, loaded[step % len(loaded)], device=device, set_to_none=True
+            task,
+            model,
+            optimizer,
+            loaded[step % len(loaded)],
+            device=device,
+            set_to_none=True,
+            scaler=scaler,
         )
         synchronize(device)
         times.append(time.perf_counter() - start)
@@ -289,13 +300,14 @@ def _step(
     optimizer: torch.optim.Optimizer,
     batches: list[Any],
     device: torch.device,
+    scaler: torch.amp.GradScaler | None,
 ) -> Callable[[], None]:
     """One training step per call, cycling through the batches kept on the device."""
     counter = iter(range(1 << 62))
 
     def step() -> None:
         batch = batches[next(counter) % len(batches)]
-        training_step(task, model, optimizer, batch, device=device, set_to_none=True)
+        training_step(task, model, optimizer, batch, device=device, set_to_none=True, scaler=scaler)
 
     return step
 
@@ -339,7 +351,10 @@ def measure_throughput(
         conditions: the thread count and load of the run (default: chosen now, by
             :func:`~batchpilot.measure._hygiene.choose_threads`); timing runs with those threads.
 
-    A batch that runs out of memory ends the ladder. The model trains from one initialisation
+    The step is the training step in the task's precision (:attr:`Task.precision`): the loss
+    under its autocast and, for ``"16-mixed"``, the ``GradScaler``'s scaling, unscaling and
+    overflow check included in the time. A batch that runs out of memory ends the ladder. The
+    model trains from one initialisation
     (``seed``) and is restored afterwards, and the caller's RNG is left as it was.
     """
     device = torch.device(device)
@@ -377,6 +392,7 @@ def measure_throughput(
         model = task.make_model(device)
         model.train()
         optimizer = task.make_optimizer(model.parameters(), task.reference_lr or 1e-3)
+        scaler = make_scaler(task.precision, device)
         try:
             with preserved(model, optimizer):
                 flat_doublings, last_speed, round_seconds = 0, 0.0, 0.0
@@ -390,6 +406,7 @@ def measure_throughput(
                             device=device,
                             warmup_steps=warmup_steps,
                             seed=seed,
+                            scaler=scaler,
                         )
                     except Exception as exc:
                         if batch == 1 and len(ladder) > 1 and isinstance(exc, UserCodeError):
@@ -436,7 +453,10 @@ def measure_throughput(
                     last_speed = max(last_speed, speed)
 
                 timings = time_interleaved(
-                    {b: _step(task, model, optimizer, loaded[b], device) for b in sorted(loaded)},
+                    {
+                        b: _step(task, model, optimizer, loaded[b], device, scaler)
+                        for b in sorted(loaded)
+                    },
                     warmup=0,
                     min_rounds=timed_steps,
                     max_rounds=max(max_rounds, timed_steps),
@@ -487,6 +507,7 @@ def measure_throughput(
         timings=timings,
         conditions=conditions,
         warnings=tuple(notes),
+        precision=task.precision,
     )
 
 

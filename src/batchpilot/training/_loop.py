@@ -32,6 +32,7 @@ from batchpilot.checks import (
 )
 from batchpilot.data import batch_size, to_device
 from batchpilot.errors import BadInputError
+from batchpilot.precision import backward, make_scaler, optimizer_step
 from batchpilot.state import preserved_rng
 from batchpilot.task import Task
 
@@ -60,6 +61,7 @@ class TrainResult:
     train_losses: tuple[float, ...]
     evaluations: tuple[tuple[int, Evaluation], ...]
     diverged: bool
+    precision: str = "32"
 
     @property
     def final(self) -> Evaluation | None:
@@ -90,11 +92,18 @@ def micro_batches(task: Task, micro_batch: int, *, seed: int) -> Iterator[Any]:
 
 
 def accumulate_gradients(
-    task: Task, model: nn.Module, batches: list[Any], *, device: torch.device
+    task: Task,
+    model: nn.Module,
+    batches: list[Any],
+    *,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """Forward and backward over ``batches`` (one optimizer step's micro-batches).
 
-    Returns the step's training loss as a per-sample mean, whatever the task's reduction.
+    The forward runs under the task's autocast (:meth:`Task.compute_loss`); with a ``scaler``
+    (``"16-mixed"``) the backward is the scaled loss's. Returns the step's training loss (not
+    scaled) as a per-sample mean, whatever the task's reduction.
     """
     total, samples = 0.0, 0
     for batch in batches:
@@ -102,7 +111,7 @@ def accumulate_gradients(
         loss = task.compute_loss(model, batch)
         n = batch_size(batch)
         scaled = loss / len(batches) if task.reduction == "mean" else loss
-        scaled.backward()
+        backward(scaled, scaler)
         value = float(loss.detach())
         total += value * n if task.reduction == "mean" else value
         samples += n
@@ -170,6 +179,8 @@ def train(
     ``lr_schedule(step)`` multiplies ``lr`` at each step (e.g. a warm-up); ``eval_every`` adds a
     validation point every that many steps (the final step is always evaluated when the task has
     validation data). A non-finite training loss stops the run and marks it ``diverged``.
+    The loss runs under the task's precision; for ``"16-mixed"`` a ``GradScaler`` scales it and
+    unscales the gradients before each optimizer step (skipping a step that overflowed).
     """
     check_positive_int("micro_batch", micro_batch)
     check_positive_int("accumulation_steps", accumulation_steps)
@@ -197,6 +208,7 @@ def train(
         model.train()
         optimizer = task.make_optimizer(model.parameters(), lr)
         base_lrs = [group["lr"] for group in optimizer.param_groups]
+        scaler = make_scaler(task.precision, device)
         source = micro_batches(task, micro_batch, seed=seed)
         losses: list[float] = []
         evaluations: list[tuple[int, Evaluation]] = []
@@ -209,11 +221,11 @@ def train(
                     group["lr"] = base * factor
             optimizer.zero_grad(set_to_none=True)
             batches = [next(source) for _ in range(accumulation_steps)]
-            loss = accumulate_gradients(task, model, batches, device=device)
+            loss = accumulate_gradients(task, model, batches, device=device, scaler=scaler)
             if not math.isfinite(loss):
                 diverged = True
                 break
-            optimizer.step()
+            optimizer_step(optimizer, scaler)
             losses.append(loss)
             if on_step is not None:
                 on_step(step, loss)
@@ -236,6 +248,7 @@ def train(
         train_losses=tuple(losses),
         evaluations=tuple(evaluations),
         diverged=diverged,
+        precision=task.precision,
     )
 
 
