@@ -20,7 +20,12 @@ import torch
 
 from batchpilot.checks import check_positive_float, check_positive_int, check_precision
 from batchpilot.errors import BadInputError, BatchpilotError
-from batchpilot.measure._hygiene import MeasurementConditions, choose_threads, fixed_threads
+from batchpilot.measure._hygiene import (
+    MeasurementConditions,
+    choose_threads,
+    fixed_threads,
+    seconds_since_process_start,
+)
 from batchpilot.measure._lr_check import LrCheck, check_lr, with_adam_scaling
 from batchpilot.measure._lr_range import LRFinderResult, find_lr, stability_edge
 from batchpilot.measure._memory_search import MaxBatchResult, find_max_batch
@@ -48,6 +53,24 @@ PHASES = (
 DEFAULT_TIME_BUDGET_SECONDS = 60.0
 # Share of the budget for memory and throughput together (the later phases share what is left).
 MEASURE_SHARE = 0.2
+
+
+# Share of a command's --time-budget kept for writing the report once the phases are done (six
+# plots and a page: 1-3 s on a 2-core machine, more under load).
+REPORT_SHARE = 0.08
+
+
+def phases_budget(total_seconds: float) -> float:
+    """The seconds of a command's whole ``--time-budget`` left to tune's phases: less what the
+    process has spent starting (importing torch, loading the task: seconds on a busy machine)
+    and ``REPORT_SHARE`` kept for the report; never under a quarter of it.
+
+    >>> 0.25 * 60 <= phases_budget(60.0) <= 60 * (1 - REPORT_SHARE)
+    True
+    """
+    total = check_positive_float("time_budget", total_seconds)
+    spent = seconds_since_process_start()
+    return max(total * (1.0 - REPORT_SHARE) - spent, 0.25 * total)
 
 
 class TuneIncomplete(BatchpilotError):
