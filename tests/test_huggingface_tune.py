@@ -188,8 +188,24 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match="unknown option"):
         tune(_trainer(tmp_path), budget=3)
     trainer = _trainer(tmp_path)
-    trainer.args.bf16 = True  # set after construction: a CPU Trainer would refuse it at init
-    with pytest.raises(
-        BadInputError, match=r"trainer\.args\.bf16: batchpilot measures in fp32 only"
-    ):
+    trainer.args.bf16 = trainer.args.fp16 = True  # set after construction: the args refuse both
+    with pytest.raises(BadInputError, match=r"trainer\.args: bf16 and fp16 are both set"):
         tune(trainer)
+
+
+@pytest.mark.parametrize(("flag", "precision"), [("bf16", "bf16-mixed"), ("fp16", "16-mixed")])
+def test_the_trainers_bf16_or_fp16_is_the_precision_measured(
+    tmp_path: Path, flag: str, precision: str
+) -> None:
+    seen: set[torch.dtype] = set()
+    model = Regressor()
+    # the first Linear's output: fp32 without autocast, the half type under it
+    model.net[0].register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    trainer = _trainer(tmp_path, model=model, **{flag: True})
+    before = _state(trainer.model)
+    rec = tune(trainer, **FAST)
+    assert rec.result.options.precision == rec.result.task.precision == precision
+    assert rec.result.to_dict()["precision"] == precision
+    assert seen == {torch.bfloat16 if flag == "bf16" else torch.float16}
+    assert _same(_state(trainer.model), before)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

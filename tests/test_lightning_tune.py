@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 from typing import Any
 
@@ -201,7 +202,33 @@ def test_a_datamodule_gives_the_loaders_and_unsupported_settings_are_refused() -
         24,
         2,
     )
-    with pytest.raises(BadInputError, match="fp32 only"):
-        tune(Regression(), trainer_kwargs={"precision": "bf16-mixed"})
+    with pytest.raises(BadInputError, match=r"precision'\]: batchpilot measures 32-true, bf16"):
+        tune(Regression(), trainer_kwargs={"precision": "16-true"})
     with pytest.raises(BadInputError, match="unknown option"):
         tune(Regression(), time_budget=3)
+
+
+def test_the_trainers_precision_is_measured_and_apply_warns_about_another() -> None:
+    seen: list[Any] = []
+
+    class Mixed(Regression):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            on = torch.is_autocast_enabled("cpu")
+            seen.append(torch.get_autocast_dtype("cpu") if on else torch.float32)
+            return super().training_step(batch, batch_idx)
+
+    kwargs = {"accelerator": "cpu", "precision": "16-mixed"}
+    result = tune(Mixed(), trainer_kwargs=kwargs, **FAST)
+    # Lightning's Trainer runs 16-mixed as bf16-mixed on a CPU, and so does every measurement
+    assert result.options.precision == result.task.precision == "bf16-mixed"
+    assert seen and set(seen) == {torch.bfloat16}
+    with pytest.warns(UserWarning, match="measured in 'bf16-mixed'"):
+        apply(result, _trainer(max_steps=1), Mixed())  # a 32-true Trainer
+    module = Mixed()
+    trainer = _trainer(max_steps=2, precision="bf16-mixed")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="trainer.precision")
+        apply(result, trainer, module)
+    seen.clear()
+    trainer.fit(module)
+    assert set(seen) == {torch.bfloat16}  # the run applied is the one measured

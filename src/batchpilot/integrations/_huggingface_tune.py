@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from batchpilot.checks import Precision
 from batchpilot.errors import BadInputError, UserCodeError
 from batchpilot.integrations import missing_extra
 from batchpilot.integrations._copies import owner_of
@@ -69,7 +70,8 @@ def tune(trainer: Any, **tune_options: Any) -> TrainerRecommendation:
     """Measure the Trainer's model and recommend its batch, accumulation, lr and warm-up.
 
     ``tune_options`` are :class:`~batchpilot.tune.TuneOptions` fields (``time_budget_seconds``,
-    ``max_batch``, ...); the device and world size default to the Trainer's arguments'.
+    ``max_batch``, ...); the device, world size and precision (``bf16`` / ``fp16``,
+    :func:`trainer_precision`) default to the Trainer's arguments'.
     """
     try:
         from transformers import Trainer
@@ -87,16 +89,11 @@ def tune(trainer: Any, **tune_options: Any) -> TrainerRecommendation:
             f"tune_options: unknown option(s) {', '.join(unknown)}; expected TuneOptions fields"
         )
     args = trainer.args
-    mixed = [name for name in ("bf16", "fp16") if getattr(args, name, False)]
-    if mixed:
-        raise BadInputError(
-            f"trainer.args.{mixed[0]}: batchpilot measures in fp32 only for now; memory and speed "
-            "under mixed precision would differ from what it measured"
-        )
     device = torch.device(args.device)
     defaults: dict[str, Any] = {
         "device": device.type if device.type == "cpu" else str(device),
         "world_size": max(1, int(args.world_size)),
+        "precision": trainer_precision(args),
     }
     options = TuneOptions(**{**defaults, **tune_options})
     with preserved(trainer.model):
@@ -114,6 +111,20 @@ def tune(trainer: Any, **tune_options: Any) -> TrainerRecommendation:
         adam_epsilon=rec.eps if betas is not None else None,
         result=result,
     )
+
+
+def trainer_precision(args: Any) -> Precision:
+    """The precision ``TrainingArguments`` train in: ``bf16`` → ``"bf16-mixed"``, ``fp16`` →
+    ``"16-mixed"`` (autocast, and a GradScaler for fp16, as accelerate runs them), else ``"32"``.
+
+    >>> from types import SimpleNamespace
+    >>> trainer_precision(SimpleNamespace(bf16=True, fp16=False))
+    'bf16-mixed'
+    """
+    bf16, fp16 = bool(getattr(args, "bf16", False)), bool(getattr(args, "fp16", False))
+    if bf16 and fp16:
+        raise BadInputError("trainer.args: bf16 and fp16 are both set; choose one")
+    return "bf16-mixed" if bf16 else "16-mixed" if fp16 else "32"
 
 
 def trainer_task(trainer: Any) -> Task:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from batchpilot.checks import Precision
 from batchpilot.errors import BadInputError, UserCodeError
 from batchpilot.integrations import missing_extra
 from batchpilot.integrations._copies import owner_of
@@ -60,8 +61,11 @@ def tune(
             ``val_dataloader``); its ``prepare_data`` and ``setup("fit")`` are called first, as
             the Trainer would.
         trainer_kwargs: the arguments you give ``lightning.Trainer``; ``accelerator`` picks the
-            device measured on and ``devices × num_nodes`` the world size, unless ``device`` /
-            ``world_size`` are given as tune options.
+            device measured on, ``devices × num_nodes`` the world size and ``precision``
+            (``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"`` or an alias) the precision every
+            measurement runs in (``"16-mixed"`` on a CPU is ``"bf16-mixed"``, as the Trainer
+            runs it), unless ``device`` / ``world_size`` / ``precision`` are given as
+            tune options.
         tune_options: any :class:`~batchpilot.tune.TuneOptions` field (``time_budget_seconds``,
             ``max_batch``, ``lr``, ...).
 
@@ -168,9 +172,11 @@ def apply(
       added to ``trainer.callbacks`` that sets it in every param group of the first optimizer at
       fit start (groups keep their ratios), so a hard-coded lr is overridden too.
 
-    The warm-up (``result.recommendation.warmup_steps``) is left to your scheduler.
+    The warm-up (``result.recommendation.warmup_steps``) is left to your scheduler. A Trainer
+    whose precision is not the one measured gets a warning: the micro-batch may not fit there.
     """
     _require_lightning()
+    _warn_other_precision(result, trainer)
     from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
 
     rec = result.recommendation
@@ -281,19 +287,60 @@ def _from_trainer_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
             f"trainer_kwargs['accelerator']: batchpilot measures on 'cpu' or 'cuda', got "
             f"{accelerator!r}; give device= as a tune option"
         )
-    precision = str(kwargs.get("precision", "32"))
-    if precision not in ("32", "32-true"):
-        raise BadInputError(
-            f"trainer_kwargs['precision']: batchpilot measures in fp32 only for now, got "
-            f"{precision!r}; memory and speed under mixed precision would differ from what it "
-            "measured"
-        )
+    options["precision"] = lightning_precision(kwargs.get("precision", "32"))
+    if options["precision"] == "16-mixed" and options["device"] == "cpu":
+        options["precision"] = "bf16-mixed"  # what Lightning's Trainer runs on a CPU instead
     devices = kwargs.get("devices", 1)
     if isinstance(devices, int) and devices > 0:
         options["world_size"] = devices * int(kwargs.get("num_nodes", 1))
     elif isinstance(devices, Sequence) and not isinstance(devices, str):
         options["world_size"] = len(devices) * int(kwargs.get("num_nodes", 1))
     return options
+
+
+def _warn_other_precision(result: TuneResult, trainer: pl.Trainer) -> None:
+    task = getattr(result, "task", None)
+    measured = getattr(task, "precision", None)
+    flag = getattr(trainer, "precision", None)
+    if measured is None or flag is None:
+        return
+    runs = _LIGHTNING_PRECISIONS.get(str(flag), str(flag))
+    if runs != measured:
+        warnings.warn(
+            f"trainer.precision is {flag!r} but the recommendation was measured in {measured!r}: "
+            "its micro-batch and speed hold for that precision; tune with "
+            f"trainer_kwargs={{'precision': {flag!r}}}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+# Lightning's precision flags (and their aliases) → what batchpilot measures.
+_LIGHTNING_PRECISIONS: dict[str, Precision] = {
+    "32": "32",
+    "32-true": "32",
+    "bf16": "bf16-mixed",
+    "bf16-mixed": "bf16-mixed",
+    "16": "16-mixed",
+    "16-mixed": "16-mixed",
+}
+
+
+def lightning_precision(value: Any, name: str = "trainer_kwargs['precision']") -> Precision:
+    """A Lightning ``precision`` flag as batchpilot's precision (``32``, ``"16"`` and ``"bf16"``
+    are Lightning's aliases of ``"32-true"``, ``"16-mixed"`` and ``"bf16-mixed"``).
+
+    >>> lightning_precision("bf16"), lightning_precision(32), lightning_precision("16-mixed")
+    ('bf16-mixed', '32', '16-mixed')
+    """
+    found = _LIGHTNING_PRECISIONS.get(str(value))
+    if found is None:
+        raise BadInputError(
+            f"{name}: batchpilot measures 32-true, bf16-mixed and 16-mixed (or their aliases "
+            f"32, bf16, 16), got {value!r}; memory and speed in other precisions would differ "
+            "from what it measured"
+        )
+    return found
 
 
 def _has(holder: Any, name: str) -> bool:
