@@ -86,9 +86,9 @@ def test_batchnorm_model_capped_below_two_is_bad_input(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     spec = write_task(tmp_path, BATCHNORM)
-    code, _, err = run(capsys, "memory", spec, "--device", "cpu", "--max-batch", "1")
+    code, _, err = run(capsys, "memory", spec, "--device", "cpu", "--max-micro-batch", "1")
     line = one_line_error(code, err)
-    assert line.startswith("batchpilot: error: --max-batch: ") and "fewer than 2" in line
+    assert line.startswith("batchpilot: error: --max-micro-batch: ") and "fewer than 2" in line
 
 
 def test_search_never_probes_below_min_batch() -> None:
@@ -335,17 +335,16 @@ def test_out_that_is_a_file_is_refused_first(
     monkeypatch: pytest.MonkeyPatch,
     command: tuple[str, ...],
 ) -> None:
-    import sys
-
+    import batchpilot.cli.demo
     import batchpilot.cli.sweep
-    import batchpilot.demos
+    import batchpilot.loading
 
     def nothing_runs(*args: object, **kwargs: object) -> None:
         raise AssertionError("work started before --out was checked")
 
-    monkeypatch.setattr(sys.modules["batchpilot.cli.app"], "load_task", nothing_runs)
+    monkeypatch.setattr(batchpilot.loading, "load_task", nothing_runs)
     monkeypatch.setattr(batchpilot.cli.sweep, "run_sweep", nothing_runs)
-    monkeypatch.setattr(sys.modules["batchpilot.cli.demo"], "run_demo", nothing_runs)
+    monkeypatch.setattr(batchpilot.cli.demo, "run_demo", nothing_runs)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a-file").write_text("x")
     code, _, err = run(capsys, *command, "--out", "a-file")
@@ -453,12 +452,13 @@ def test_an_argument_the_command_has_no_option_for_keeps_its_name() -> None:
 
     command = typer.main.get_command(app)
     memory = _options_of(command, ["memory", "--example", "xor4"])
-    assert memory is not None and "--max-batch" in memory and "--micro-batch" not in memory
+    assert memory is not None and "--max-micro-batch" in memory and "--micro-batch" not in memory
+    assert "--max-batch" not in memory  # its old, hidden name is never what an error says
     assert _as_option("micro_batch: expected a positive integer, got 0", memory) == (
         "micro_batch: expected a positive integer, got 0"
     )
-    assert _as_option("max_batch: expected a positive integer, got 0", memory) == (
-        "--max-batch: expected a positive integer, got 0"
+    assert _as_option("max_micro_batch: expected a positive integer, got 0", memory) == (
+        "--max-micro-batch: expected a positive integer, got 0"
     )
     sweep = _options_of(command, ["sweep", "--example", "xor4"])  # the default `sweep run`
     assert sweep is not None and "--max-micro-batch" in sweep

@@ -188,3 +188,69 @@ def test_console_script_runs() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["lr"] == pytest.approx(3.2)
+
+
+def test_examples_lists_what_each_task_file_builds(capsys: pytest.CaptureFixture[str]) -> None:
+    from batchpilot.examples import EXAMPLE_INFO
+    from batchpilot.loading import load_task
+
+    code, out, _ = run(capsys, "examples", "--format", "json")
+    assert code == 0
+    listed = {row["name"]: row for row in json.loads(out)["examples"]}
+    assert listed.keys() == EXAMPLE_INFO.keys()
+    for name, row in listed.items():  # the registry cannot drift from the task files
+        task = load_task(example=name)
+        assert row == {
+            "name": name,
+            "spec": EXAMPLE_INFO[name].spec,
+            "train_size": task.train_size,
+            "val_size": task.val_size,
+            "reference_batch": task.reference_batch,
+            "reference_lr": task.reference_lr,
+        }
+
+
+def test_flags_render_as_flags_and_take_no_value(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    code, out, _ = run(capsys, "tune", "--help")
+    assert code == 0
+    assert "--verify" in out and "--no-verify" in out and "<bool>" not in out
+    # help text in brackets is text, not markup that vanishes
+    assert "[default: the task's reference batch, else 32]" in out
+    code, _, err = run(capsys, "tune", "--verify", "yes")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "batchpilot: error: TASK: 'yes' is not a task; a flag takes no value "
+        "(write --verify, not --verify yes)"
+    ]
+
+
+def test_train_batch_is_global_and_micro_batch_per_pass(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = ("train", "--example", "xor4", "--steps", "1", "--format", "json", "--device", "cpu")
+    for extra in (
+        ("--batch", "8", "--accumulation", "2"),
+        ("--batch", "8", "--micro-batch", "4"),
+        ("--micro-batch", "4", "--accumulation", "2"),
+    ):
+        code, out, err = run(capsys, *base, *extra)
+        assert code == 0, err
+        data = json.loads(out)
+        assert (data["global_batch"], data["micro_batch"], data["accumulation_steps"]) == (8, 4, 2)
+    code, _, err = run(capsys, *base, "--batch", "8", "--micro-batch", "4", "--accumulation", "4")
+    assert code == 2 and "--accumulation: 4 is not --batch / --micro-batch = 8 / 4 = 2" in err
+    code, _, err = run(capsys, *base, "--batch", "9", "--accumulation", "2")
+    assert code == 2 and "--accumulation: 2 does not divide --batch 9" in err
+
+
+def test_an_old_option_name_still_works_with_a_note(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("memory", "--example", "xor4", "--device", "cpu", "--format", "json")
+    code, out, err = run(capsys, *args, "--max-batch", "8")
+    assert code == 0
+    assert json.loads(out)["max_micro_batch"] == 8
+    assert "note: --max-batch is now --max-micro-batch" in err
+    code, _, err = run(capsys, *args, "--max-batch", "8", "--max-micro-batch", "8")
+    assert code == 2 and "--max-batch: give --max-micro-batch only" in err

@@ -95,3 +95,48 @@ def test_doctests_in_the_docs(page: Path, tmp_path: Path, monkeypatch: pytest.Mo
     result = runner.summarize(verbose=False)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+COMMAND_LINE = re.compile(r"^(?:\$ )?(?:timeout [^b]*)?(?:\.venv/bin/)?batchpilot (?P<args>.*)$")
+
+
+def _command_lines() -> list[tuple[str, str]]:
+    """Every ``batchpilot …`` line in a code block of the README and docs/ (continuations
+    joined), with the page it is on."""
+    lines = []
+    for page in PAGES:
+        for block in re.findall(r"```[a-z]*\n(.*?)```", page.read_text(), re.S):
+            text = block.replace("\\\n", " ")
+            for line in text.splitlines():
+                match = COMMAND_LINE.match(line.strip())
+                if match:
+                    lines.append((page.name, match.group("args").split("#")[0]))
+    return lines
+
+
+def test_the_command_lines_in_the_docs_use_options_that_exist() -> None:
+    """An option renamed in the code cannot stay in an example: each one must be a visible option
+    of its command (hidden old names print a deprecation note; the docs use the new ones)."""
+    import shlex
+
+    from batchpilot.cli import COMMANDS, load_command
+
+    lines = _command_lines()
+    assert len(lines) >= 20
+    for page, args in lines:
+        words = shlex.split(args)
+        if not words or words[0] not in COMMANDS:
+            continue
+        command = load_command(words[0])
+        subcommands = getattr(command, "commands", None)
+        if isinstance(subcommands, dict):  # sweep: `sweep show STORE` or `sweep [run] TASK`
+            command = subcommands.get(words[1] if len(words) > 1 else "", subcommands["run"])
+        known = {"--help", "-h"} | {
+            opt
+            for param in command.params
+            if not getattr(param, "hidden", False)
+            for opt in (*param.opts, *getattr(param, "secondary_opts", ()))
+        }
+        for word in words:
+            if word.startswith("--"):
+                assert word.split("=")[0] in known, f"{page}: batchpilot {args}: {word}"

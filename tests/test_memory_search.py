@@ -343,7 +343,7 @@ def test_memory_command_table_and_errors(capsys: pytest.CaptureFixture[str]) -> 
     assert code == 0 and "max micro-batch 16" in out
     code, _, err = run(capsys, "memory", "--example", "xor4", "--device-memory", "lots")
     assert code == 2 and "--device-memory: cannot read 'lots'" in err
-    code, _, err = run(capsys, "memory", "--example", "xor4", "--margin", "150")
-    assert code == 2 and "--margin: expected a percentage" in err
+    code, _, err = run(capsys, "memory", "--example", "xor4", "--margin", "5")
+    assert code == 2 and "--margin: expected a fraction in [0, 1) (0.05 = 5 %), got 5" in err
     code, _, err = run(capsys, "memory", "--example", "xor4", "--round", "7")
     assert code == 2 and "--round: expected one of" in err

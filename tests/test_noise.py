@@ -420,28 +420,58 @@ def test_noise_command_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert Path(data["plot"]).is_file()
 
 
-def test_noise_command_falls_back_without_sibling_modules(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_noise_command_says_what_it_runs_without_an_lr(
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Without the range test and throughput modules: the task's reference lr, steps timed here."""
-    import batchpilot.cli.noise as command
+    """No --lr: one range test of the size the options give, named in the output; the lr falls
+    back to the task's reference when the test finds no descent; --no-throughput times nothing."""
     from batchpilot.cli import main
 
-    monkeypatch.setattr(command, "_optional", lambda name: None)
     with pytest.raises(SystemExit) as exit_info:
         main(
             [
                 "noise", "--example", "xor4", "--batch", "8", "--steps", "10",
-                "--max-batch", "16", "--device", "cpu", "--format", "json",
+                "--lr-steps", "20", "--lr-repeats", "1", "--no-throughput",
+                "--device", "cpu", "--format", "json",
             ]
         )  # fmt: skip
     assert exit_info.value.code == 0
     data = json.loads(capsys.readouterr().out)
-    assert (data["lr"], data["lr_source"]) == (10.0, "reference lr")
+    assert data["lr_source"] in ("range test", "reference lr")
+    assert data["range_test"]["steps"] == 20 and data["range_test"]["repeats"] == 1
     assert (data["micro_batches"], data["micro_batch"]) == (4, 2)
-    assert data["throughput_source"] == "timed here"
-    assert [row["batch"] for row in data["throughput"]] == [1, 2, 4, 8, 16]
-    assert any("not available" in note for note in data["notes"])
+    assert data["phases"] == [
+        "lr range test: 1 × 20 steps at batch 8 (no lr given)",
+        f"noise scale: 10 steps at batch 8 = 4 × 2, lr {data['lr']:.3g}",
+    ]
+    assert data["throughput"] == [] and data["throughput_source"] is None
+    assert data["efficiency"] == [] and data["recommended_batch"] is None
+
+
+def test_noise_command_given_an_lr_runs_no_range_test_and_bounds_the_ladder(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from batchpilot.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "noise", "--example", "xor4", "--batch", "8", "--steps", "10", "--lr", "5",
+                "--micro-batch", "4", "--max-batch", "16", "--device", "cpu",
+            ]
+        )  # fmt: skip
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "ran: lr range test" not in out
+    assert "ran: noise scale: 10 steps at batch 8 = 2 × 4, lr 5" in out
+    assert "ran: throughput for the goodput table: micro-batches 1, 2, …, 16" in out
+
+
+def test_goodput_micro_batches_stay_around_the_batch() -> None:
+    from batchpilot.measure import goodput_micro_batches
+
+    assert goodput_micro_batches(32, 10_000) == [2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert goodput_micro_batches(48, 100) == [4, 8, 16, 32, 48, 64]
 
 
 def test_noise_command_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
@@ -449,14 +479,21 @@ def test_noise_command_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> 
 
     with pytest.raises(SystemExit) as exit_info:
         main(
-            ["noise", "--example", "spiral", "--batch", "30", "--micro-batches", "4", "--lr", "0.1"]
+            ["noise", "--example", "spiral", "--batch", "30", "--accumulation", "4", "--lr", "0.1"]
         )
     assert exit_info.value.code == 2
     assert "--batch: 30 is not a multiple" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        main(["noise", "--example", "spiral", "--batch", "32", "--micro-batches", "1"])
+        main(["noise", "--example", "spiral", "--batch", "32", "--accumulation", "1"])
     assert exit_info.value.code == 2  # refused before the range test runs
-    assert "--micro-batches: expected at least 2" in capsys.readouterr().err
+    assert "--accumulation: expected at least 2" in capsys.readouterr().err
+    # the old name still works, with a note
+    with pytest.raises(SystemExit) as exit_info:
+        main(["noise", "--example", "spiral", "--batch", "32", "--micro-batches", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "note: --micro-batches is now --accumulation" in err
+    assert "--accumulation: expected at least 2" in err
 
 
 def test_plot_noise_history_draws_the_estimate() -> None:

@@ -183,9 +183,9 @@ def test_throughput_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert plan["micro_batch"] * plan["accumulation_steps"] == 64
     assert (tmp_path / "throughput.png").stat().st_size > 0
     with pytest.raises(SystemExit) as info:
-        main(["throughput", "--example", "xor4", "--batches", "2,x"])
+        main(["throughput", "--example", "xor4", "--micro-batches", "2,x"])
     _, err = capsys.readouterr()
-    assert info.value.code == 2 and "--batches: expected comma-separated integers" in err
+    assert info.value.code == 2 and "--micro-batches: expected comma-separated integers" in err
 
 
 def test_a_model_that_cannot_train_on_one_sample_starts_the_ladder_at_two() -> None:

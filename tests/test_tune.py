@@ -143,7 +143,7 @@ def test_cli_tune_json_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[
                 "tune",
                 "--example",
                 "xor4",
-                "--max-batch",
+                "--max-micro-batch",
                 "8",
                 "--throughput-steps",
                 "1",

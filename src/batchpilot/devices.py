@@ -1,5 +1,8 @@
 """Choosing and checking the device a measurement runs on.
 
+torch is imported by the functions, not by this module: the command line names
+:data:`DEVICE_CHOICES` in its help without importing torch.
+
 >>> resolve_device("cpu")
 device(type='cpu')
 """
@@ -8,16 +11,20 @@ from __future__ import annotations
 
 import gc
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from batchpilot.errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then the CPU; other names are checked to exist here."""
+    import torch
+
     spec = spec.strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
@@ -47,6 +54,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a timer reads the work's real end."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -59,6 +68,8 @@ def release_memory(device: torch.device, *, full: bool = True) -> None:
     ``full=False`` collects only the young generations: enough between probes (tensors are freed
     by reference counting) and far cheaper once torch has loaded its thousands of objects.
     """
+    import torch
+
     gc.collect(2 if full else 1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -1,48 +1,48 @@
-"""The Typer application, the options every command shares, and output helpers.
+"""The options every command shares, the batch vocabulary, and output helpers.
 
-Commands live one per module in this package and only translate options into calls of the core
-functions and results into tables or JSON. JSON goes to stdout and nothing else does in that mode;
-progress and logs go to stderr.
+Commands live one per module in this package, each on its own :func:`command_app`, and only
+translate options into calls of the core functions and results into tables or JSON. The root
+group in :mod:`batchpilot.cli` imports a module only when one of its commands runs or shows its
+help, so this module and the light commands import no torch. JSON goes to stdout and nothing
+else does in that mode; progress and logs go to stderr.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
+from batchpilot.checks import check_positive_int
 from batchpilot.devices import DEVICE_CHOICES
 from batchpilot.errors import BadInputError
 from batchpilot.examples import EXAMPLES
 from batchpilot.jsonio import to_json
-from batchpilot.loading import load_task
-from batchpilot.task import Task
 
-app = typer.Typer(
-    name="batchpilot",
-    help=(
-        "Measure which batch size and learning rate to train with, on your own model, "
-        "and keep them right when the run changes."
-    ),
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from batchpilot.task import Task
+
+HELP_OPTION_NAMES = ("-h", "--help")
+
+
+def command_app(**settings: Any) -> typer.Typer:
+    """The Typer a command module registers its commands on (``settings`` go to ``typer.Typer``)."""
+    return typer.Typer(
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": list(HELP_OPTION_NAMES)},
+        **settings,
+    )
 
 
 class OutputFormat(str, Enum):
@@ -86,13 +86,54 @@ DeviceOpt = Annotated[str, typer.Option("--device", help=f"Where to measure: {DE
 DebugOpt = Annotated[
     bool, typer.Option("--debug", help="Show the full traceback when something fails.")
 ]
+# The batch vocabulary, the same in every command: --batch is the global batch (samples per
+# optimizer step, over all devices), --micro-batch the samples of one forward pass on one device.
+BatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch",
+        help="Global batch: samples per optimizer step [default: the task's reference batch].",
+    ),
+]
+MicroBatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--micro-batch",
+        help="Samples per forward pass [default: --batch / --accumulation].",
+    ),
+]
+AccumulationOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--accumulation",
+        help="Micro-batches per optimizer step [default: --batch / --micro-batch, else 1].",
+    ),
+]
+MaxMicroBatchOpt = Annotated[
+    int | None,
+    typer.Option("--max-micro-batch", help="Largest micro-batch to consider."),
+]
+# The old name of --max-micro-batch in memory, throughput and tune (where it meant the largest
+# micro-batch); --max-batch is the largest global batch.
+OldMaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", hidden=True)]
 OutOpt = Annotated[
     Path | None, typer.Option("--out", help="Folder for the plot (PNG); none written if not given.")
 ]
 
 
+# What a user who wrote ``--verify yes`` left as the TASK: a flag takes no value.
+_FLAG_VALUES = {"yes", "no", "true", "false", "on", "off", "y", "n", "1", "0"}
+
+
 def get_task(task_spec: str | None, example: str | None) -> Task:
     """The task named on the command line (a TASK argument or --example)."""
+    from batchpilot.loading import load_task
+
+    if task_spec is not None and task_spec.lower() in _FLAG_VALUES:
+        raise BadInputError(
+            f"TASK: {task_spec!r} is not a task; a flag takes no value "
+            f"(write --verify, not --verify {task_spec})"
+        )
     return load_task(task_spec, example=example)
 
 
@@ -116,6 +157,14 @@ def emit(fmt: OutputFormat, data: dict[str, Any], table: Callable[[Console], Non
 def progress() -> Iterator[Progress]:
     """A rich progress display on stderr (silent when stderr is not a terminal); erased when the
     body fails, so that the error stays the one line on stderr."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     console = stderr()
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -131,6 +180,25 @@ def progress() -> Iterator[Progress]:
         except BaseException:
             bar.live.transient = True
             raise
+
+
+class PhaseBars:
+    """One rich progress bar per phase of a run (``tune``, ``noise``), on stderr."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.ids: dict[str, TaskID] = {}
+
+    def start(self, phase: str, total: int) -> None:
+        self.ids[phase] = self.bar.add_task(phase, total=max(total, 1))
+
+    def update(self, phase: str, completed: int) -> None:
+        self.bar.update(self.ids[phase], completed=completed)
+
+    def finish(self, phase: str, note: str = "") -> None:
+        task = self.bar.tasks[self.ids[phase]]
+        description = f"{phase}: {note}" if note else phase
+        self.bar.update(self.ids[phase], completed=task.total, description=description)
 
 
 def check_out_folder(out: Path | None, option: str = "--out") -> None:
@@ -180,7 +248,72 @@ def option_names(**options: str) -> Iterator[None]:
         raise
 
 
-def require(condition: bool, message: str) -> None:
-    """Raise a one-line bad-input error unless ``condition`` holds."""
-    if not condition:
-        raise BadInputError(message)
+def renamed(old: str, new: str, old_value: Any, value: Any) -> Any:
+    """The value of an option given under its old, hidden name ``old`` (kept so that old scripts
+    run), with a one-line note on stderr; else ``value``, that of ``new``."""
+    if old_value is None:
+        return value
+    if value is not None:
+        raise BadInputError(f"{old}: give {new} only ({old} is its old name)")
+    print(f"batchpilot: note: {old} is now {new}; the old name will be removed", file=sys.stderr)
+    return old_value
+
+
+def check_batch_options(
+    batch: int | None, micro_batch: int | None, accumulation: int | None
+) -> None:
+    """Refuse a batch option that is not a positive integer (before any task is loaded)."""
+    for option, value in (
+        ("--batch", batch),
+        ("--micro-batch", micro_batch),
+        ("--accumulation", accumulation),
+    ):
+        if value is not None:
+            check_positive_int(option, value)
+
+
+def split_options(
+    batch: int | None,
+    micro_batch: int | None,
+    accumulation: int | None,
+    *,
+    default_batch: int | None,
+) -> tuple[int, int]:
+    """``(micro-batch, accumulation steps)`` from the options every command spells the same way.
+
+    ``--batch`` is the global batch (samples per optimizer step), ``--micro-batch`` the samples
+    per forward pass and ``--accumulation`` the micro-batches per step; any two give the third,
+    and ``--batch`` alone trains without accumulation. Without either batch option the global batch
+    is ``default_batch`` (the task's reference batch).
+
+    >>> split_options(64, None, 2, default_batch=None)
+    (32, 2)
+    >>> split_options(None, 16, 4, default_batch=None)
+    (16, 4)
+    >>> split_options(None, None, None, default_batch=10)
+    (10, 1)
+    """
+    from batchpilot.plan._split import split_batch
+
+    check_batch_options(batch, micro_batch, accumulation)
+    if batch is None and micro_batch is not None:
+        return micro_batch, accumulation or 1
+    if batch is None:
+        if default_batch is None:
+            raise BadInputError("--batch: the task has no reference batch; give --batch")
+        batch = default_batch
+    if micro_batch is not None:
+        with option_names(batch="--batch", micro_batch="--micro-batch"):
+            steps = split_batch(batch, micro_batch=micro_batch).accumulation_steps
+        if accumulation is not None and accumulation != steps:
+            raise BadInputError(
+                f"--accumulation: {accumulation} is not --batch / --micro-batch = "
+                f"{batch} / {micro_batch} = {steps}; give two of the three"
+            )
+        return micro_batch, steps
+    steps = accumulation or 1
+    if batch % steps:
+        raise BadInputError(
+            f"--accumulation: {steps} does not divide --batch {batch} into equal micro-batches"
+        )
+    return batch // steps, steps

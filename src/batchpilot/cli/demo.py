@@ -11,12 +11,11 @@ from rich.table import Table
 
 from batchpilot.cli._text import plain
 from batchpilot.cli.app import (
-    DebugOpt,
     FormatOpt,
     OutputFormat,
     SeedOpt,
-    app,
     check_out_folder,
+    command_app,
     emit,
     stderr,
 )
@@ -27,7 +26,10 @@ from batchpilot.jsonio import to_json
 DEFAULT_OUT = Path("batchpilot-demos")
 
 
-@app.command(
+commands = command_app()
+
+
+@commands.command(
     "demo",
     help=(
         "Run a demonstration of what practitioners' guides claim and say whether it reproduced: "
@@ -60,7 +62,6 @@ def demo_command(
     ] = False,
     seed: SeedOpt = 0,
     fmt: FormatOpt = OutputFormat.table,
-    debug: DebugOpt = False,
 ) -> None:
     if list_only or name is None:
         if name is None and not list_only:

@@ -11,18 +11,21 @@ from rich.table import Table
 
 from batchpilot.cli._text import plain
 from batchpilot.cli.app import (
-    DebugOpt,
+    AccumulationOpt,
+    BatchOpt,
     DeviceOpt,
     ExampleOpt,
     FormatOpt,
+    MicroBatchOpt,
     OutputFormat,
     SeedOpt,
     TaskArg,
-    app,
     check_out_folder,
+    command_app,
     emit,
     get_task,
     progress,
+    split_options,
 )
 from batchpilot.devices import resolve_device
 from batchpilot.errors import BadInputError
@@ -41,31 +44,24 @@ from batchpilot.measure._lr_suggest import METHODS
 DEFAULT_OUT = Path("batchpilot-lr-find")
 
 
-@app.command(
+commands = command_app()
+
+
+@commands.command(
     "lr-find",
     help=(
         "LR range test at your batch: the lr grows from --min-lr to --max-lr over --steps "
         "optimizer steps, repeated --repeats times; prints the suggested lr of each rule with its "
         "spread over the repeats and writes a plot. "
-        "Example: batchpilot lr-find --example digits --batch 64"
+        "Example: batchpilot lr-find --example digits --batch 64 (or --micro-batch 32 --accumulation 2)"
     ),
 )
 def lr_find_command(
     task_spec: TaskArg = None,
     example: ExampleOpt = None,
-    batch: Annotated[
-        int | None,
-        typer.Option(
-            "--batch",
-            help="Micro-batch (samples per forward pass) [default: the task's reference batch].",
-        ),
-    ] = None,
-    accumulation: Annotated[
-        int,
-        typer.Option(
-            "--accumulation", help="Micro-batches per optimizer step (global batch = batch × this)."
-        ),
-    ] = 1,
+    batch: BatchOpt = None,
+    micro_batch: MicroBatchOpt = None,
+    accumulation: AccumulationOpt = None,
     min_lr: Annotated[float, typer.Option("--min-lr", help="First lr of the test.")] = 1e-6,
     max_lr: Annotated[float, typer.Option("--max-lr", help="Last lr of the test.")] = 10.0,
     steps: Annotated[
@@ -129,27 +125,24 @@ def lr_find_command(
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     fmt: FormatOpt = OutputFormat.table,
-    debug: DebugOpt = False,
 ) -> None:
     if plot:
         check_out_folder(out)
     task = get_task(task_spec, example)
-    if batch is None:
-        batch = task.reference_batch
-    if batch is None:
-        raise BadInputError("--batch: the task has no reference batch; give --batch")
-    if batch <= 0:
-        raise BadInputError(f"--batch: expected a positive integer, got {batch}")
-    if batch > task.train_size:
+    micro, steps_per_batch = split_options(
+        batch, micro_batch, accumulation, default_batch=task.reference_batch
+    )
+    if micro > task.train_size:
+        option = "--micro-batch" if micro_batch is not None else "--batch"
         raise BadInputError(
-            f"--batch: {batch} is larger than the training set ({task.train_size} samples)"
+            f"{option}: {micro} is larger than the training set ({task.train_size} samples)"
         )
     with progress() as bar:
         job = bar.add_task("range test", total=repeats * steps)
         result = find_lr(
             task,
-            micro_batch=batch,
-            accumulation_steps=accumulation,
+            micro_batch=micro,
+            accumulation_steps=steps_per_batch,
             min_lr=min_lr,
             max_lr=max_lr,
             steps=steps,

@@ -9,21 +9,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from batchpilot.checks import check_positive_int, check_run_steps
+from batchpilot.checks import check_fraction, check_positive_int, check_run_steps
 from batchpilot.cli._text import plain
 from batchpilot.cli.app import (
-    DebugOpt,
     DeviceOpt,
     ExampleOpt,
     FormatOpt,
+    OldMaxBatchOpt,
     OutOpt,
     OutputFormat,
     SeedOpt,
     TaskArg,
-    app,
     check_out_folder,
+    command_app,
     emit,
     get_task,
+    option_names,
+    renamed,
     stderr,
 )
 from batchpilot.devices import resolve_device
@@ -35,13 +37,9 @@ from batchpilot.measure._memory_search import (
     format_bytes,
     parse_size,
 )
-from batchpilot.measure._throughput import (
-    ROUNDINGS,
-    ThroughputCurve,
-    measure_throughput,
-    round_batch,
-)
-from batchpilot.plan._accumulation import AccumulationPlan, plan_accumulation
+from batchpilot.measure._throughput import ROUNDINGS, ThroughputCurve, round_batch
+from batchpilot.measure._throughput_run import run_throughput
+from batchpilot.plan._accumulation import AccumulationPlan
 
 DeviceMemoryOpt = Annotated[
     str | None,
@@ -52,82 +50,44 @@ DeviceMemoryOpt = Annotated[
     ),
 ]
 MarginOpt = Annotated[
-    float, typer.Option("--margin", help="Percent of the memory kept free as a safety margin.")
-]
-MaxBatchOpt = Annotated[
-    int | None,
-    typer.Option("--max-batch", help="Largest micro-batch to consider (the dataset size caps it)."),
+    float,
+    typer.Option(
+        "--margin", help="Fraction of the memory kept free as a safety margin (0.05 = 5 %)."
+    ),
 ]
 ModeOpt = Annotated[
     str,
     typer.Option(
         "--mode",
-        help="How memory is measured: auto, tracked (live tensors, any device), cuda (allocator) "
-        "or fake (fake tensors, no device needed).",
+        help=f"How memory is measured: {', '.join(MEMORY_MODES)} (auto; tracked: live tensors, "
+        "any device; cuda: the allocator; fake: fake tensors, no device needed).",
     ),
 ]
-
-# Library argument names and the options that carry them here.
-_OPTIONS = {
+# Library argument names and the options of these commands that carry them.
+_NAMES = {
     "budget_bytes": "--device-memory",
-    "device_memory": "--device-memory",
-    "margin": "--margin",
-    "max_batch": "--max-batch",
-    "mode": "--mode",
-    "batches": "--batches",
-    "global_batch": "--batch",
+    "max_batch": "--max-micro-batch",
+    "batches": "--micro-batches",
     "timed_steps": "--steps",
     "warmup_steps": "--warmup",
-    "world_size": "--world-size",
 }
 
 
-def _as_option(exc: BadInputError) -> BadInputError:
-    """The library names its arguments (``budget_bytes:``); say the option instead."""
-    message = str(exc)
-    for name, option in _OPTIONS.items():
-        if message.startswith(f"{name}:"):
-            return BadInputError(option + message[len(name) :])
-    return exc
+def _margin(margin: float) -> float:
+    if margin >= 1:
+        raise BadInputError(f"--margin: expected a fraction in [0, 1) (0.05 = 5 %), got {margin:g}")
+    return check_fraction("--margin", margin)
 
 
-def _margin_fraction(percent: float) -> float:
-    if not 0 <= percent < 100:
-        raise BadInputError(f"--margin: expected a percentage in [0, 100), got {percent:g}")
-    return percent / 100
+def _budget(device_memory: str | None) -> int | None:
+    with option_names(device_memory="--device-memory"):
+        return parse_size(device_memory) if device_memory is not None else None
 
 
-def _max_batch_result(
-    task_spec: str | None,
-    example: str | None,
-    *,
-    device: str,
-    device_memory: str | None,
-    margin: float,
-    max_batch: int | None,
-    mode: str,
-    seed: int,
-) -> MaxBatchResult:
-    task = get_task(task_spec, example)
-    if mode not in MEMORY_MODES:
-        raise BadInputError(f"--mode: expected one of {', '.join(MEMORY_MODES)}, got {mode!r}")
-    try:
-        budget = parse_size(device_memory) if device_memory is not None else None
-        with stderr().status("measuring memory…"):
-            return find_max_batch(
-                task,
-                device=resolve_device(device),
-                budget_bytes=budget,
-                margin=_margin_fraction(margin),
-                max_batch=max_batch,
-                mode=mode,
-                seed=seed,
-            )
-    except BadInputError as exc:
-        raise _as_option(exc) from exc
+commands = command_app()
 
 
-@app.command(
+@commands.command(
     "memory",
     help=(
         "The largest micro-batch whose training step fits in memory: a fitted memory model from "
@@ -139,7 +99,7 @@ def memory_command(
     task_spec: TaskArg = None,
     example: ExampleOpt = None,
     device_memory: DeviceMemoryOpt = None,
-    margin: MarginOpt = 5.0,
+    margin: MarginOpt = 0.05,
     rounding: Annotated[
         str,
         typer.Option(
@@ -147,27 +107,36 @@ def memory_command(
             help="Round the answer down: none, 8 (a multiple of 8) or pow2 (a power of 2).",
         ),
     ] = "none",
-    max_batch: MaxBatchOpt = None,
+    max_micro_batch: Annotated[
+        int | None,
+        typer.Option(
+            "--max-micro-batch",
+            help="Largest micro-batch to consider (the training set size caps it).",
+        ),
+    ] = None,
+    old_max_batch: OldMaxBatchOpt = None,
     mode: ModeOpt = "auto",
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
     fmt: FormatOpt = OutputFormat.table,
-    debug: DebugOpt = False,
 ) -> None:
     if rounding not in ROUNDINGS:
         raise BadInputError(f"--round: expected one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     check_out_folder(out)
-    result = _max_batch_result(
-        task_spec,
-        example,
-        device=device,
-        device_memory=device_memory,
-        margin=margin,
-        max_batch=max_batch,
-        mode=mode,
-        seed=seed,
-    )
+    fraction, budget = _margin(margin), _budget(device_memory)
+    cap = renamed("--max-batch", "--max-micro-batch", old_max_batch, max_micro_batch)
+    task = get_task(task_spec, example)
+    with option_names(**_NAMES), stderr().status("measuring memory…"):
+        result = find_max_batch(
+            task,
+            device=resolve_device(device),
+            budget_bytes=budget,
+            margin=fraction,
+            max_batch=cap,
+            mode=mode,
+            seed=seed,
+        )
     micro_batch = round_batch(result.max_micro_batch, rounding)
     data: dict[str, Any] = {**result.to_dict(), "round": rounding, "micro_batch": micro_batch}
     if out is not None:
@@ -223,41 +192,47 @@ def _render_memory(
         console.print(f"plot: {plain(data['plot'])}")
 
 
-@app.command(
+@commands.command(
     "throughput",
     help=(
         "Samples per second against micro-batch on a doubling ladder up to the memory limit: the "
-        "knee (where doubling stops paying), the fastest batch, the measured cost of rounding to a "
-        "power of 2 or a multiple of 8, and with --batch the accumulation plan. "
-        "Example: batchpilot throughput --example digits --max-batch 512"
+        "knee (where doubling stops paying), the fastest micro-batch, the measured cost of "
+        "rounding to a power of 2 or a multiple of 8, and with --batch the accumulation plan. "
+        "Without --max-micro-batch or --micro-batches the memory limit is found first. "
+        "Example: batchpilot throughput --example digits --max-micro-batch 512"
     ),
 )
 def throughput_command(
     task_spec: TaskArg = None,
     example: ExampleOpt = None,
-    max_batch: Annotated[
+    max_micro_batch: Annotated[
         int | None,
         typer.Option(
-            "--max-batch",
+            "--max-micro-batch",
             help="Top of the ladder [default: the largest micro-batch that fits, found first].",
         ),
     ] = None,
-    batches: Annotated[
+    old_max_batch: OldMaxBatchOpt = None,
+    micro_batches: Annotated[
         str | None,
         typer.Option(
-            "--batches", help="Comma-separated micro-batches to time instead of a ladder."
+            "--micro-batches", help="Comma-separated micro-batches to time instead of a ladder."
         ),
     ] = None,
+    old_batches: Annotated[str | None, typer.Option("--batches", hidden=True)] = None,
     warmup: Annotated[
         int, typer.Option("--warmup", help="Untimed steps before timing each batch.")
     ] = 2,
     steps: Annotated[
         int, typer.Option("--steps", help="Timed steps per batch (the median is kept).")
     ] = 5,
-    knee_percent: Annotated[
+    knee: Annotated[
         float,
-        typer.Option("--knee", help="The knee is the smallest batch reaching this % of the best."),
-    ] = 90.0,
+        typer.Option(
+            "--knee",
+            help="The knee is the smallest micro-batch reaching this fraction of the best speed.",
+        ),
+    ] = 0.9,
     global_batch: Annotated[
         int | None,
         typer.Option(
@@ -269,15 +244,14 @@ def throughput_command(
         int, typer.Option("--world-size", help="Data-parallel devices for --batch.")
     ] = 1,
     device_memory: DeviceMemoryOpt = None,
-    margin: MarginOpt = 5.0,
+    margin: MarginOpt = 0.05,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
     fmt: FormatOpt = OutputFormat.table,
-    debug: DebugOpt = False,
 ) -> None:
-    if not 0 < knee_percent <= 100:
-        raise BadInputError(f"--knee: expected a percentage in (0, 100], got {knee_percent:g}")
+    if not 0 < knee <= 1:
+        raise BadInputError(f"--knee: expected a fraction in (0, 1] (0.9 = 90 %), got {knee:g}")
     check_run_steps("--steps", steps)
     if warmup < 0:
         raise BadInputError(f"--warmup: expected a non-negative integer, got {warmup}")
@@ -287,62 +261,45 @@ def throughput_command(
     if global_batch is not None:
         check_positive_int("--batch", global_batch)
     check_out_folder(out)
+    fraction, budget = _margin(margin), _budget(device_memory)
+    top = renamed("--max-batch", "--max-micro-batch", old_max_batch, max_micro_batch)
+    listed = renamed("--batches", "--micro-batches", old_batches, micro_batches)
     chosen: list[int] | None = None
-    if batches is not None:
+    if listed is not None:
         try:
-            chosen = [int(value) for value in batches.split(",") if value.strip()]
+            chosen = [int(value) for value in listed.split(",") if value.strip()]
         except ValueError as exc:
             raise BadInputError(
-                f"--batches: expected comma-separated integers, got {batches!r}"
+                f"--micro-batches: expected comma-separated integers, got {listed!r}"
             ) from exc
     task = get_task(task_spec, example)
-    memory: MaxBatchResult | None = None
-    if chosen is None and max_batch is None:
-        memory = _max_batch_result(
-            task_spec,
-            example,
-            device=device,
-            device_memory=device_memory,
-            margin=margin,
-            max_batch=None,
-            mode="auto",
+    with option_names(**_NAMES), stderr().status("timing training steps…"):
+        run = run_throughput(
+            task,
+            micro_batches=chosen,
+            max_micro_batch=top,
+            global_batch=global_batch,
+            world_size=world_size,
+            budget_bytes=budget,
+            margin=fraction,
+            device=resolve_device(device),
+            warmup_steps=warmup,
+            timed_steps=steps,
+            knee_fraction=knee,
             seed=seed,
         )
-        max_batch = memory.max_micro_batch
-    try:
-        with stderr().status("timing training steps…"):
-            curve = measure_throughput(
-                task,
-                batches=chosen,
-                max_batch=max_batch,
-                device=resolve_device(device),
-                warmup_steps=warmup,
-                timed_steps=steps,
-                seed=seed,
-                knee_fraction=knee_percent / 100,
-            )
-        plan = None
-        if global_batch is not None:
-            fits = (
-                memory.max_micro_batch if memory is not None else max(p.batch for p in curve.points)
-            )
-            plan = plan_accumulation(
-                global_batch, max_micro_batch=fits, curve=curve, world_size=world_size
-            )
-    except BadInputError as exc:
-        raise _as_option(exc) from exc
-    data: dict[str, Any] = curve.to_dict()
-    if memory is not None:
-        data["memory"] = memory.to_dict()
-    if plan is not None:
-        data["accumulation"] = plan.to_dict()
+    data: dict[str, Any] = run.to_dict()
     if out is not None:
         from batchpilot.plots import save_figure
         from batchpilot.plots.memory import plot_memory_and_throughput
 
-        figure = plot_memory_and_throughput(memory, curve)
+        figure = plot_memory_and_throughput(run.memory, run.curve)
         data["plot"] = str(save_figure(figure, out / "throughput.png"))
-    emit(fmt, data, lambda console: _render_throughput(console, curve, plan, data))
+    emit(
+        fmt,
+        data,
+        lambda console: _render_throughput(console, run.curve, run.accumulation, data),
+    )
 
 
 def _render_throughput(

@@ -8,11 +8,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from batchpilot.cli.app import DebugOpt, FormatOpt, OutputFormat, app, emit
+from batchpilot.cli.app import FormatOpt, OutputFormat, command_app, emit
 from batchpilot.plan._scaling import ScalePlan, plan_scaling
 
+commands = command_app()
 
-@app.command(
+
+@commands.command(
     "scale",
     help=(
         "Scale a (batch, lr) that worked to a new global batch: the lr by rule, the micro-batch × "
@@ -93,7 +95,6 @@ def scale_command(
         ),
     ] = False,
     fmt: FormatOpt = OutputFormat.table,
-    debug: DebugOpt = False,
 ) -> None:
     plan = plan_scaling(
         ref_batch=ref_batch,

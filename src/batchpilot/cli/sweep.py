@@ -21,7 +21,6 @@ from typer.core import TyperGroup
 from batchpilot.checks import check_positive_int
 from batchpilot.cli._text import plain
 from batchpilot.cli.app import (
-    DebugOpt,
     DeviceOpt,
     ExampleOpt,
     FormatOpt,
@@ -29,18 +28,18 @@ from batchpilot.cli.app import (
     OutputFormat,
     SeedOpt,
     TaskArg,
-    app,
     check_out_folder,
+    command_app,
     emit,
     option_names,
     stderr,
 )
 from batchpilot.errors import BadInputError, UserCodeError
 from batchpilot.examples import EXAMPLES
-from batchpilot.loading import load_task
 from batchpilot.sweep import (
     Budget,
     Grid,
+    GridAround,
     Ladder,
     LrPlan,
     SweepResult,
@@ -65,7 +64,7 @@ class _SweepGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-sweep_app = typer.Typer(
+commands = command_app(
     cls=_SweepGroup,
     name="sweep",
     help=(
@@ -76,9 +75,7 @@ sweep_app = typer.Typer(
         "then: batchpilot sweep show batchpilot-sweeps.sqlite"
     ),
     no_args_is_help=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.add_typer(sweep_app, name="sweep")
 
 
 def _floats(option: str, text: str) -> tuple[float, ...]:
@@ -100,6 +97,7 @@ def _ints(option: str, text: str) -> tuple[int, ...]:
 
 
 def _task_spec(task_spec: str | None, example: str | None) -> str:
+    """The task as a spec string (the pool and Ray executors load it in their workers)."""
     if (task_spec is None) == (example is None):
         raise BadInputError("TASK: give either a TASK (path/to/file.py:factory) or --example NAME")
     if example is not None:
@@ -110,36 +108,6 @@ def _task_spec(task_spec: str | None, example: str | None) -> str:
         return EXAMPLES[example]
     assert task_spec is not None
     return task_spec
-
-
-def _budget(
-    budget_epochs: float | None,
-    budget_samples: int | None,
-    target_loss: float | None,
-    target_metric: float | None,
-    max_epochs: float | None,
-    evals: int,
-) -> Budget:
-    if budget_epochs is not None and budget_samples is not None:
-        raise BadInputError("--budget-epochs: give either --budget-epochs or --budget-samples")
-    if max_epochs is not None and (budget_epochs is not None or budget_samples is not None):
-        raise BadInputError(
-            "--max-epochs: caps a --target-loss/--target-metric run; with --budget-epochs or "
-            "--budget-samples that budget is the cap"
-        )
-    has_target = target_loss is not None or target_metric is not None
-    if budget_samples is not None:
-        return Budget(
-            samples=budget_samples,
-            evals=evals,
-            target_loss=target_loss,
-            target_metric=target_metric,
-        )
-    if budget_epochs is None:
-        budget_epochs = (max_epochs or DEFAULT_MAX_EPOCHS) if has_target else 3.0
-    return Budget(
-        epochs=budget_epochs, evals=evals, target_loss=target_loss, target_metric=target_metric
-    )
 
 
 def _lr_plan(
@@ -168,7 +136,7 @@ def _lr_plan(
     )
 
 
-@sweep_app.command(
+@commands.command(
     "run",
     help=(
         "Run (or with --resume, continue) a batch-size sweep. The default: the ×0.5 / ×2 ladder from "
@@ -329,18 +297,24 @@ def run_command(
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     fmt: FormatOpt = OutputFormat.table,
-    debug: DebugOpt = False,
 ) -> None:
     spec = _task_spec(task_spec, example)
     if workers is not None:
         check_positive_int("--workers", workers)
     check_out_folder(out)
-    budget = _budget(budget_epochs, budget_samples, target_loss, target_metric, max_epochs, evals)
+    budget = Budget.of(
+        epochs=budget_epochs,
+        samples=budget_samples,
+        target_loss=target_loss,
+        target_metric=target_metric,
+        max_epochs=max_epochs,
+        evals=evals,
+    )
     plan = _lr_plan(lr_rule, lr_grid, lr_center, ref_batch, ref_lr, warmup_epochs)
     if strategy == "ladder":
         if batches is not None:
             raise BadInputError("--batches: only with --strategy grid")
-        chosen: Ladder | Grid = Ladder(
+        chosen: Ladder | Grid | GridAround = Ladder(
             start=start,
             factor=factor,
             direction=direction,  # type: ignore[arg-type]  # checked by Ladder
@@ -352,11 +326,7 @@ def run_command(
         if batches is not None:
             chosen = Grid(_ints("--batches", batches))
         else:
-            # start/8 … start×8, within the bounds and the training set.
-            train_size = load_task(spec).train_size
-            low = max(min_batch, start // 8)
-            high = min(start * 8, train_size, max_batch or train_size)
-            chosen = Grid.powers_of_two(low, high)
+            chosen = GridAround(start, min_batch=min_batch, max_batch=max_batch)
     else:
         raise BadInputError(f"--strategy: expected ladder or grid, got {strategy!r}")
     log = stderr()
@@ -417,7 +387,7 @@ def run_command(
         )
 
 
-@sweep_app.command(
+@commands.command(
     "show",
     help=(
         "List the sweeps in a store with their trials, best batch per objective and fits. "
@@ -434,7 +404,6 @@ def show_command(
     ] = None,
     out: OutOpt = None,
     fmt: FormatOpt = OutputFormat.table,
-    debug: DebugOpt = False,
 ) -> None:
     if store.is_dir():
         raise BadInputError(f"STORE: {str(store)!r} is a folder, expected a SQLite file")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -12,42 +12,40 @@ from rich.table import Table
 from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.cli._text import plain
 from batchpilot.cli.app import (
-    DebugOpt,
+    AccumulationOpt,
+    BatchOpt,
     DeviceOpt,
     ExampleOpt,
     FormatOpt,
+    MicroBatchOpt,
     OutputFormat,
     SeedOpt,
     TaskArg,
-    app,
+    check_batch_options,
+    command_app,
     emit,
     get_task,
     option_names,
     progress,
+    split_options,
 )
 from batchpilot.devices import resolve_device
 from batchpilot.errors import BadInputError
-from batchpilot.examples import EXAMPLES
-from batchpilot.loading import load_task
-from batchpilot.summary import TaskSummary, summarize_task
-from batchpilot.training._loop import TrainResult, train
+from batchpilot.examples import EXAMPLE_INFO
+
+if TYPE_CHECKING:
+    from batchpilot.summary import TaskSummary
+    from batchpilot.training._loop import TrainResult
+
+commands = command_app()
 
 
-@app.command("examples", help="List the built-in example tasks (use them with --example NAME).")
-def examples_command(fmt: FormatOpt = OutputFormat.table, debug: DebugOpt = False) -> None:
-    rows = []
-    for name in EXAMPLES:
-        task = load_task(example=name)
-        rows.append(
-            {
-                "name": name,
-                "spec": EXAMPLES[name],
-                "train_size": task.train_size,
-                "val_size": task.val_size,
-                "reference_batch": task.reference_batch,
-                "reference_lr": task.reference_lr,
-            }
-        )
+@commands.command(
+    "examples", help="List the built-in example tasks (use them with --example NAME)."
+)
+def examples_command(fmt: FormatOpt = OutputFormat.table) -> None:
+    # Read from the registry, not by building each task: listing them imports no torch.
+    rows = [info.to_dict() for info in EXAMPLE_INFO.values()]
 
     def render(console: Console) -> None:
         table = Table(title="built-in examples")
@@ -60,7 +58,7 @@ def examples_command(fmt: FormatOpt = OutputFormat.table, debug: DebugOpt = Fals
     emit(fmt, {"examples": rows}, render)
 
 
-@app.command(
+@commands.command(
     "check",
     help="Load a task, build its model and optimizer and evaluate its loss once: "
     "the quickest way to see that batchpilot can use it. Example: batchpilot check --example digits",
@@ -71,8 +69,9 @@ def check_command(
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     fmt: FormatOpt = OutputFormat.table,
-    debug: DebugOpt = False,
 ) -> None:
+    from batchpilot.summary import summarize_task
+
     task = get_task(task_spec, example)
     summary = summarize_task(task, device=resolve_device(device), seed=seed)
     emit(fmt, summary.to_dict(), lambda console: _render_summary(console, summary))
@@ -89,7 +88,7 @@ def _render_summary(console: Console, summary: TaskSummary) -> None:
     console.print(table)
 
 
-@app.command(
+@commands.command(
     "train",
     help="Train a fresh model of the task at a given batch and lr and report the losses: "
     "the ground truth every recommendation is checked against. "
@@ -98,16 +97,9 @@ def _render_summary(console: Console, summary: TaskSummary) -> None:
 def train_command(
     task_spec: TaskArg = None,
     example: ExampleOpt = None,
-    batch: Annotated[
-        int | None,
-        typer.Option(
-            "--batch",
-            help="Micro-batch (samples per forward pass) [default: the task's reference batch].",
-        ),
-    ] = None,
-    accumulation: Annotated[
-        int, typer.Option("--accumulation", help="Micro-batches per optimizer step.")
-    ] = 1,
+    batch: BatchOpt = None,
+    micro_batch: MicroBatchOpt = None,
+    accumulation: AccumulationOpt = None,
     lr: Annotated[
         float | None, typer.Option("--lr", help="Learning rate [default: the task's reference lr].")
     ] = None,
@@ -121,12 +113,9 @@ def train_command(
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     fmt: FormatOpt = OutputFormat.table,
-    debug: DebugOpt = False,
 ) -> None:
     # Every number is checked before the task is built; 0 is a value, never "the default".
-    if batch is not None:
-        check_positive_int("--batch", batch)
-    check_positive_int("--accumulation", accumulation)
+    check_batch_options(batch, micro_batch, accumulation)
     if lr is not None:
         check_positive_float("--lr", lr)
     if epochs is not None:
@@ -137,12 +126,11 @@ def train_command(
     if steps is not None and epochs is not None:
         raise BadInputError("--steps: give either --steps or --epochs, not both")
     task = get_task(task_spec, example)
-    if batch is None:
-        batch = task.reference_batch
+    micro, steps_per_batch = split_options(
+        batch, micro_batch, accumulation, default_batch=task.reference_batch
+    )
     if lr is None:
         lr = task.reference_lr
-    if batch is None:
-        raise BadInputError("--batch: the task has no reference batch; give --batch")
     if lr is None:
         raise BadInputError("--lr: the task has no reference lr; give --lr")
     if steps is None and epochs is None:
@@ -150,17 +138,18 @@ def train_command(
     planned = (
         steps
         if steps is not None
-        else max(1, math.ceil((epochs or 0) * task.train_size / (batch * accumulation)))
+        else max(1, math.ceil((epochs or 0) * task.train_size / (micro * steps_per_batch)))
     )
-    with (
-        progress() as bar,
-        option_names(micro_batch="--batch", accumulation_steps="--accumulation"),
-    ):
+    from batchpilot.training._loop import train
+
+    # Without --micro-batch the micro-batch is --batch: an error about it names that option.
+    names = {} if micro_batch is not None else {"micro_batch": "--batch"}
+    with progress() as bar, option_names(**names):
         job = bar.add_task("training", total=planned)
         result = train(
             task,
-            micro_batch=batch,
-            accumulation_steps=accumulation,
+            micro_batch=micro,
+            accumulation_steps=steps_per_batch,
             lr=lr,
             steps=steps,
             epochs=epochs,

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, TaskID
 from rich.table import Table
 
 from batchpilot.cli._text import plain
 from batchpilot.cli.app import (
-    DebugOpt,
     DeviceOpt,
     ExampleOpt,
     FormatOpt,
+    OldMaxBatchOpt,
     OutputFormat,
+    PhaseBars,
     SeedOpt,
     TaskArg,
-    app,
     check_out_folder,
+    command_app,
     emit,
     get_task,
+    option_names,
     progress,
+    renamed,
     stderr,
 )
 from batchpilot.devices import resolve_device
@@ -37,27 +39,14 @@ from batchpilot.tune import (
     tune,
 )
 
-
-class _Bars:
-    """One rich progress bar per phase, on stderr."""
-
-    def __init__(self, bar: Progress) -> None:
-        self.bar = bar
-        self.ids: dict[str, TaskID] = {}
-
-    def start(self, phase: str, total: int) -> None:
-        self.ids[phase] = self.bar.add_task(phase, total=max(total, 1))
-
-    def update(self, phase: str, completed: int) -> None:
-        self.bar.update(self.ids[phase], completed=completed)
-
-    def finish(self, phase: str, note: str = "") -> None:
-        task = self.bar.tasks[self.ids[phase]]
-        description = f"{phase}: {note}" if note else phase
-        self.bar.update(self.ids[phase], completed=task.total, description=description)
+if TYPE_CHECKING:
+    from batchpilot.task import Task
 
 
-@app.command(
+commands = command_app()
+
+
+@commands.command(
     "tune",
     help=(
         "The main job: measure memory, throughput, a learning-rate range test and the gradient noise "
@@ -95,10 +84,13 @@ def tune_command(
     margin: Annotated[
         float, typer.Option("--margin", help="Safety margin, as a fraction of the budget.")
     ] = 0.05,
-    max_batch: Annotated[
+    max_micro_batch: Annotated[
         int | None,
-        typer.Option("--max-batch", help="Never probe or recommend a micro-batch above this."),
+        typer.Option(
+            "--max-micro-batch", help="Never probe or recommend a micro-batch above this."
+        ),
     ] = None,
+    old_max_batch: OldMaxBatchOpt = None,
     throughput_steps: Annotated[
         int,
         typer.Option("--throughput-steps", help="Timed steps per batch of the throughput ladder."),
@@ -135,7 +127,7 @@ def tune_command(
     verify: Annotated[
         bool,
         typer.Option(
-            "--verify",
+            "--verify/--no-verify",
             help="Also train at ×0.5, ×1 and ×2 the recommended batch and keep the best (the practitioners' halve-or-double check).",
         ),
     ] = False,
@@ -164,34 +156,43 @@ def tune_command(
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     fmt: FormatOpt = OutputFormat.table,
-    debug: DebugOpt = False,
 ) -> None:
     check_out_folder(out)
+    max_batch = renamed("--max-batch", "--max-micro-batch", old_max_batch, max_micro_batch)
     task = get_task(task_spec, example)
     resolved = resolve_device(device)
-    options = TuneOptions(
-        device=str(resolved),
-        seed=seed,
-        world_size=world_size,
-        reference_batch=reference_batch,
-        lr=lr,
-        budget_bytes=parse_size(device_memory) if device_memory is not None else None,
-        margin=margin,
-        max_batch=max_batch,
-        throughput_steps=throughput_steps,
-        lr_steps=lr_steps,
-        lr_repeats=lr_repeats,
-        noise_steps=noise_steps,
-        check_lr=check_lr,
-        check_seeds=check_seeds,
-        verify=verify,
-        verify_epochs=verify_epochs,
-        time_budget_seconds=time_budget,
-        threads=threads,
-    )
+    with option_names(max_batch="--max-micro-batch", budget_bytes="--device-memory"):
+        _tune(
+            task,
+            out,
+            fmt,
+            TuneOptions(
+                device=str(resolved),
+                seed=seed,
+                world_size=world_size,
+                reference_batch=reference_batch,
+                lr=lr,
+                budget_bytes=parse_size(device_memory) if device_memory is not None else None,
+                margin=margin,
+                max_batch=max_batch,
+                throughput_steps=throughput_steps,
+                lr_steps=lr_steps,
+                lr_repeats=lr_repeats,
+                noise_steps=noise_steps,
+                check_lr=check_lr,
+                check_seeds=check_seeds,
+                verify=verify,
+                verify_epochs=verify_epochs,
+                time_budget_seconds=time_budget,
+                threads=threads,
+            ),
+        )
+
+
+def _tune(task: Task, out: Path, fmt: OutputFormat, options: TuneOptions) -> None:
     try:
         with progress() as bar:
-            result = tune(task, options, progress=_Bars(bar))
+            result = tune(task, options, progress=PhaseBars(bar))
     except TuneIncomplete as exc:
         page = write_partial_report(exc.partial, out, phase=exc.phase, error=exc.error)
         stderr().print(f"incomplete: what was measured is in {page.parent / 'result.json'}")

@@ -9,7 +9,9 @@ imports: ``from batchpilot.measure import find_max_batch, measure_throughput``.
 - ``_lr_range`` (the range-test loop and its verification) and ``_lr_suggest`` (pure rules that
   read an lr off a curve);
 - ``_lr_check`` (short runs around a scaling rule's lr at the batch it will train with);
-- ``_noise`` (the gradient noise scale: pure estimates, the stateful estimator, the loop).
+- ``_noise`` (the gradient noise scale: pure estimates, the stateful estimator, the loop);
+- ``_noise_run`` and ``_throughput_run`` (the ``noise`` and ``throughput`` commands' runs: the
+  measurements above in order, every phase named, then the pure plan over them).
 """
 
 from __future__ import annotations
@@ -106,6 +108,16 @@ from batchpilot.measure._noise import (
     ratio_interval,
     unbiased_moments,
 )
+from batchpilot.measure._noise_run import (
+    GOODPUT_SPAN,
+    NOISE_LR_REPEATS,
+    NOISE_LR_STEPS,
+    NOISE_THROUGHPUT_SECONDS,
+    NoiseRun,
+    default_micro_batches,
+    goodput_micro_batches,
+    run_noise,
+)
 from batchpilot.measure._step_time import (
     MachineLoad,
     StepTimeModel,
@@ -126,15 +138,20 @@ from batchpilot.measure._throughput import (
     measure_throughput,
     round_batch,
 )
+from batchpilot.measure._throughput_run import ThroughputRun, run_throughput
 
 __all__ = [
     "DEFAULT_METHOD",
+    "GOODPUT_SPAN",
     "GRID_FACTOR",
     "MEMORY_MODES",
     "METHODS",
     "MIN_DROP",
     "MODES",
+    "NOISE_LR_REPEATS",
+    "NOISE_LR_STEPS",
     "NOISE_MARGIN",
+    "NOISE_THROUGHPUT_SECONDS",
     "ROUNDINGS",
     "SKIP_BEGIN",
     "SKIP_END",
@@ -156,6 +173,7 @@ __all__ = [
     "MemoryMode",
     "MemoryProbe",
     "Method",
+    "NoiseRun",
     "NoiseScaleEstimate",
     "NoiseScalePoint",
     "NoiseScaleResult",
@@ -174,6 +192,7 @@ __all__ = [
     "TensorTracker",
     "ThroughputCurve",
     "ThroughputPoint",
+    "ThroughputRun",
     "Verification",
     "available_memory",
     "batch_ladder",
@@ -184,6 +203,7 @@ __all__ = [
     "choose_threads",
     "critical_batch_over_run",
     "debiased_ema",
+    "default_micro_batches",
     "default_smoothing",
     "find_lr",
     "find_max_batch",
@@ -191,6 +211,7 @@ __all__ = [
     "fit_step_time",
     "fixed_threads",
     "format_bytes",
+    "goodput_micro_batches",
     "grid_point",
     "knee",
     "largest_sample_index",
@@ -206,6 +227,8 @@ __all__ = [
     "resolve_mode",
     "round_batch",
     "rounds_disagree",
+    "run_noise",
+    "run_throughput",
     "search_max_batch",
     "seconds_since_process_start",
     "smoothed_noise",

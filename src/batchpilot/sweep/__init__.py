@@ -39,7 +39,7 @@ from batchpilot.sweep.executors import (
 from batchpilot.sweep.lrs import LR_RULES, LrPlan
 from batchpilot.sweep.runner import SweepResult, load_sweep, load_sweeps, run_sweep
 from batchpilot.sweep.store import SweepRecord, TrialStore
-from batchpilot.sweep.strategies import Grid, Ladder, Strategy, walk
+from batchpilot.sweep.strategies import Grid, GridAround, Ladder, Strategy, walk
 from batchpilot.sweep.trials import CurvePoint, TrialResult, TrialSpec, run_trial
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "CurvePoint",
     "Executor",
     "Grid",
+    "GridAround",
     "InProcessExecutor",
     "Ladder",
     "LrFit",

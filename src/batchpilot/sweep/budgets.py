@@ -32,6 +32,8 @@ Mode = Literal["min", "max"]
 
 # Ten epochs is where practitioners' small examples have long converged on small tasks.
 DEFAULT_MAX_EPOCHS = 10.0
+# Equal epochs when no budget is given: enough to rank batch sizes on the small examples.
+DEFAULT_EPOCHS = 3.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,42 @@ class Budget:
             if value is not None and not math.isfinite(value):
                 raise BadInputError(f"{name}: expected a finite number, got {value!r}")
         check_positive_int("evals", self.evals)
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        epochs: float | None = None,
+        samples: int | None = None,
+        target_loss: float | None = None,
+        target_metric: float | None = None,
+        max_epochs: float | None = None,
+        evals: int = 20,
+    ) -> Budget:
+        """The budget from what was given, with the defaults of ``batchpilot sweep``.
+
+        ``epochs`` or ``samples`` (not both) is the budget; a target without either trains up
+        to ``max_epochs`` (default :data:`DEFAULT_MAX_EPOCHS`), which only caps a target; with
+        nothing given, :data:`DEFAULT_EPOCHS` equal epochs.
+
+        >>> Budget.of().epochs, Budget.of(target_loss=0.1).epochs, Budget.of(samples=64).kind
+        (3.0, 10.0, 'samples')
+        """
+        if epochs is not None and samples is not None:
+            raise BadInputError("budget_epochs: give either an epochs or a samples budget")
+        if max_epochs is not None and (epochs is not None or samples is not None):
+            raise BadInputError(
+                "max_epochs: caps a run towards a target loss or metric; an epochs or samples "
+                "budget is its own cap"
+            )
+        has_target = target_loss is not None or target_metric is not None
+        if samples is not None:
+            return cls(
+                samples=samples, evals=evals, target_loss=target_loss, target_metric=target_metric
+            )
+        if epochs is None:
+            epochs = (max_epochs or DEFAULT_MAX_EPOCHS) if has_target else DEFAULT_EPOCHS
+        return cls(epochs=epochs, evals=evals, target_loss=target_loss, target_metric=target_metric)
 
     @classmethod
     def equal_epochs(

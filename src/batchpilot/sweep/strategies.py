@@ -227,6 +227,41 @@ class Grid:
         return {"kind": self.kind, "batches": list(self.batches)}
 
 
+@dataclass(frozen=True)
+class GridAround:
+    """The default grid of ``batchpilot sweep --strategy grid``: powers of two from
+    ``start`` / ``span`` to ``start`` × ``span``, within [``min_batch``, ``max_batch``] and the
+    training set, which :meth:`bounded` resolves to a :class:`Grid` (what the store records).
+
+    >>> GridAround(64).bounded(250).batches
+    (8, 16, 32, 64, 128)
+    """
+
+    start: int = 128
+    span: int = 8
+    min_batch: int = 1
+    max_batch: int | None = None
+
+    kind: ClassVar[str] = "grid"
+
+    def __post_init__(self) -> None:
+        check_positive_int("start", self.start)
+        check_positive_int("span", self.span)
+        check_positive_int("min_batch", self.min_batch)
+        if self.max_batch is not None:
+            check_positive_int("max_batch", self.max_batch)
+
+    def bounded(self, max_batch: int) -> Grid:
+        high = min(self.start * self.span, max_batch, self.max_batch or max_batch)
+        return Grid.powers_of_two(max(self.min_batch, self.start // self.span), high)
+
+    def next_batches(self, scores: Mapping[int, float]) -> list[int]:
+        return self.bounded(self.start * self.span).next_batches(scores)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.bounded(self.start * self.span).to_dict()
+
+
 def walk(strategy: Strategy, score: Callable[[int], float]) -> list[int]:
     """Run ``strategy`` against a score function (lower is better); the batches in the order tried."""
     scores: dict[int, float] = {}
