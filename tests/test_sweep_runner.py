@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -108,9 +107,7 @@ def test_sweep_with_range_test_and_accumulation(monkeypatch: pytest.MonkeyPatch)
         found.append(micro_batch * accumulation_steps)
         return types.SimpleNamespace(suggestion=0.01 * micro_batch * accumulation_steps)
 
-    module = types.ModuleType("batchpilot.measure._lr_range")
-    module.find_lr = find_lr  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "batchpilot.measure._lr_range", module)
+    monkeypatch.setattr("batchpilot.sweep.trials.find_lr", find_lr)
     result = run_sweep(
         TASK,
         budget=Budget.equal_epochs(1, evals=2),

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import types
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +9,6 @@ from typing import Any
 import pytest
 import torch
 
-from batchpilot.errors import BadInputError
 from batchpilot.loading import load_task
 from batchpilot.sweep import TrialResult, TrialSpec, run_trial
 from batchpilot.sweep.trials import _training_seconds, _with_adam_scaling
@@ -117,9 +115,7 @@ def fake_lr_finder(monkeypatch: pytest.MonkeyPatch, suggestion: float | None) ->
         calls.append(micro_batch * accumulation_steps)
         return types.SimpleNamespace(suggestion=suggestion)
 
-    module = types.ModuleType("batchpilot.measure._lr_range")
-    module.find_lr = find_lr  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "batchpilot.measure._lr_range", module)
+    monkeypatch.setattr("batchpilot.sweep.trials.find_lr", find_lr)
     return calls
 
 
@@ -135,11 +131,15 @@ def test_range_test_lr_is_found_once_per_batch(task, monkeypatch) -> None:
     assert other.error.startswith("lr_rule: the lr range test gave no usable suggestion")
 
 
-def test_range_test_without_the_lr_finder_says_so(task, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "batchpilot.measure._lr_range", None)
-    from batchpilot.sweep.trials import import_find_lr
+def test_range_tests_are_cached_for_a_few_batches_only(task, monkeypatch) -> None:
+    from batchpilot.sweep import trials
 
-    with pytest.raises(
-        BadInputError, match=r"^lr_rule: 'range-test' needs batchpilot.measure._lr_range"
-    ):
-        import_find_lr()
+    calls = fake_lr_finder(monkeypatch, 0.3)
+    monkeypatch.setattr(trials, "_RANGE_TESTS", trials.OrderedDict())
+    monkeypatch.setattr(trials, "RANGE_TEST_CACHE", 2)
+    for seed in (0, 1, 2, 0):
+        trials.trial_lr(task, spec(lr_rule="range-test", seed=seed), device=torch.device("cpu"))
+    assert len(calls) == 4  # seed 0 had been dropped to keep the cache at 2 entries
+    assert len(trials._RANGE_TESTS) == 2
+    trials.trial_lr(task, spec(lr_rule="range-test", seed=2), device=torch.device("cpu"))
+    assert len(calls) == 4  # the most recent ones are kept

@@ -33,7 +33,7 @@ from batchpilot.sweep.executors import Executor, make_executor
 from batchpilot.sweep.lrs import LrPlan
 from batchpilot.sweep.store import TrialStore
 from batchpilot.sweep.strategies import Ladder, Strategy
-from batchpilot.sweep.trials import TrialResult, TrialSpec, import_find_lr
+from batchpilot.sweep.trials import TrialResult, TrialSpec
 from batchpilot.task import Task
 
 OnTrial = Callable[[TrialResult, bool], None]
@@ -298,8 +298,6 @@ def _check_setup(task: Task, budget: Budget, plan: LrPlan, objective: str | None
         )
     if budget.target_metric is not None and task.metric is None:
         raise BadInputError("target_metric: the task has no metric; give a target_loss instead")
-    if plan.rule == "range-test":
-        import_find_lr()
     return objective
 
 

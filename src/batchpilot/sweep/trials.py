@@ -22,7 +22,7 @@ import socket
 import statistics
 import time
 import weakref
-from collections.abc import Callable
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ import torch
 from batchpilot.devices import release_memory, resolve_device
 from batchpilot.errors import BadInputError, BatchpilotError
 from batchpilot.measure._lr_check import with_adam_scaling
+from batchpilot.measure._lr_range import find_lr
 from batchpilot.oom import is_out_of_memory
 from batchpilot.state import preserved_rng
 from batchpilot.sweep.budgets import first_crossing, interpolate
@@ -168,21 +169,21 @@ def trial_lr(task: Task, spec: TrialSpec, *, device: torch.device) -> float:
 
 
 # Range tests are deterministic given (task, batch, seed, device): a grid of factors around the
-# suggestion needs only one per batch in each worker. Keyed by id(task), checked by a weak
-# reference so that a new task reusing a dead one's id never reads its results.
-_RANGE_TESTS: dict[int, tuple[weakref.ref[Task], dict[tuple[int, int, int, str], float]]] = {}
+# suggestion needs only one per batch in each worker. The last RANGE_TEST_CACHE of them are kept
+# (a worker runs one sweep at a time; a ladder has about ten batches), keyed by id(task) and
+# checked by a weak reference so that a new task reusing a dead one's id never reads its results.
+RANGE_TEST_CACHE = 32
+_RANGE_TESTS: OrderedDict[tuple[int, int, int, int, str], tuple[weakref.ref[Task], float]] = (
+    OrderedDict()
+)
 
 
 def _range_test_lr(task: Task, spec: TrialSpec, device: torch.device) -> float:
-    entry = _RANGE_TESTS.get(id(task))
-    if entry is None or entry[0]() is not task:
-        entry = (weakref.ref(task), {})
-        _RANGE_TESTS[id(task)] = entry
-    cache = entry[1]
-    key = (spec.micro_batch, spec.accumulation_steps, spec.seed, str(device))
-    if key in cache:
-        return cache[key]
-    find_lr = import_find_lr()
+    key = (id(task), spec.micro_batch, spec.accumulation_steps, spec.seed, str(device))
+    cached = _RANGE_TESTS.get(key)
+    if cached is not None and cached[0]() is task:
+        _RANGE_TESTS.move_to_end(key)
+        return cached[1]
     found = find_lr(
         task,
         micro_batch=spec.micro_batch,
@@ -190,26 +191,16 @@ def _range_test_lr(task: Task, spec: TrialSpec, device: torch.device) -> float:
         seed=spec.seed,
         device=device,
     )
-    suggestion = getattr(found, "suggestion", None)
+    suggestion = found.suggestion
     if suggestion is None or not math.isfinite(suggestion) or suggestion <= 0:
         raise BadInputError(
             f"lr_rule: the lr range test gave no usable suggestion at batch {spec.batch} "
             f"(got {suggestion!r})"
         )
-    cache[key] = float(suggestion)
+    _RANGE_TESTS[key] = (weakref.ref(task), float(suggestion))
+    while len(_RANGE_TESTS) > RANGE_TEST_CACHE:
+        _RANGE_TESTS.popitem(last=False)
     return float(suggestion)
-
-
-def import_find_lr() -> Callable[..., Any]:
-    """``batchpilot.measure._lr_range.find_lr``, imported on first use with a clear error if missing."""
-    try:
-        from batchpilot.measure._lr_range import find_lr  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as exc:
-        raise BadInputError(
-            "lr_rule: 'range-test' needs batchpilot.measure._lr_range.find_lr, which this installation "
-            f"does not have ({exc}); use linear, sqrt, adam, none or an lr grid"
-        ) from exc
-    return find_lr  # type: ignore[no-any-return,unused-ignore]
 
 
 def _with_adam_scaling(task: Task, spec: TrialSpec) -> Task:

@@ -762,14 +762,6 @@ def optimizer_updates(schedule: BatchSchedule, *, dataset_size: int, epochs: flo
     return len(settings_over(schedule, dataset_size=dataset_size, epochs=epochs))
 
 
-def check_schedule(schedule: Any) -> BatchSchedule:
-    if not isinstance(schedule, BatchSchedule):
-        raise BadInputError(
-            f"schedule: expected a batchpilot BatchSchedule, got {type(schedule).__name__}"
-        )
-    return schedule
-
-
 def noise_scales(
     settings: Sequence[BatchSetting], *, dataset_size: int, momentum: float = 0.0
 ) -> list[float]:
@@ -790,7 +782,6 @@ __all__ = [
     "MultiStepDecay",
     "PlateauBatch",
     "StepDecay",
-    "check_schedule",
     "decay_from_dict",
     "decay_from_torch",
     "noise_scales",
