@@ -270,9 +270,10 @@ def _warm(
     scaler: torch.amp.GradScaler | None,
 ) -> tuple[list[Any], float, float]:
     """Loads ``batch``'s micro-batches onto the device (before any clock runs: the step is
-    timed, not the loader) and runs the warm-up steps; returns them and the slowest step's
-    fastest and slowest step's seconds (the first also pays for allocation and kernel selection:
-    the fastest estimates the steady state, the slowest bounds what timing will cost)."""
+    timed, not the loader) and runs the warm-up steps; returns them, the fastest step's seconds
+    and the slowest's after the first (the first also pays for allocation, kernel selection and a
+    ``torch.compile``'d model's compilation, which timing never sees: the fastest estimates the
+    steady state, the slowest of the others bounds what timing will cost)."""
     loaded = [
         to_device(b, device) for b in islice(micro_batches(task, batch, seed=seed), _BATCHES_KEPT)
     ]
@@ -291,7 +292,7 @@ def _warm(
         )
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return loaded, min(times), max(times)
+    return loaded, min(times), max(times[1:])
 
 
 def _step(
