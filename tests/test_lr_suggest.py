@@ -152,7 +152,7 @@ def test_spread_is_median_and_quartiles_in_lr() -> None:
     assert result.q1 == pytest.approx(np.percentile([1e-3, 2e-3, 4e-3, 8e-3], 25))
     assert result.q3 == pytest.approx(np.percentile([1e-3, 2e-3, 4e-3, 8e-3], 75))
     empty = spread([None, None])
-    assert empty.to_dict() == {"median": None, "q1": None, "q3": None}
+    assert empty.to_dict() == {"median": None, "q1": None, "q3": None, "count": 0}
 
 
 def test_trim_window() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,29 @@ def json_safe(value: Any) -> Any:
         return [json_safe(item) for item in value]
     if isinstance(value, Path):
         return str(value)
+    return value
+
+
+def fields_dict(result: Any) -> dict[str, Any]:
+    """``dataclasses.asdict(result)`` with every tuple as a list: the fields of a result, once and
+    in their order, as its ``to_dict`` gives them (which then adds only what is not a field).
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Fit:
+    ...     slope: float
+    ...     points: tuple[tuple[int, float], ...]
+    >>> fields_dict(Fit(2.0, ((1, 2.0), (2, 4.0))))
+    {'slope': 2.0, 'points': [[1, 2.0], [2, 4.0]]}
+    """
+    return _as_lists(asdict(result))
+
+
+def _as_lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _as_lists(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_lists(item) for item in value]
     return value
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from batchpilot.jsonio import fields_dict
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -25,6 +27,17 @@ class Finding:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def demo_dict(result: Any, **extra: Any) -> dict[str, Any]:
+    """A demo result as JSON-ready data: its fields, its verdict, whether every part of the claim
+    held, and ``extra`` (what is not a field, and nested runs as their own ``to_dict`` gives them)."""
+    return {
+        **fields_dict(result),
+        "verdict": result.verdict,
+        "reproduced": all(finding.holds for finding in result.findings),
+        **extra,
+    }
 
 
 def verdict(findings: tuple[Finding, ...]) -> str:
@@ -54,4 +67,4 @@ def first_reaching(
     return None
 
 
-__all__ = ["Finding", "first_reaching", "verdict"]
+__all__ = ["Finding", "demo_dict", "first_reaching", "verdict"]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from batchpilot.checks import check_positive_float, check_positive_int
-from batchpilot.demos.findings import Finding, first_reaching, verdict
+from batchpilot.demos.findings import Finding, demo_dict, first_reaching, verdict
 from batchpilot.errors import BadInputError
 from batchpilot.loading import load_task
 from batchpilot.training._loop import train
@@ -123,20 +123,9 @@ class PlaygroundResult:
         return [header, *body]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "source": self.source,
-            "claim": self.claim,
-            "verdict": self.verdict,
-            "reproduced": all(f.holds for f in self.findings),
-            "findings": [f.to_dict() for f in self.findings],
-            "seed": self.seed,
-            "quick": self.quick,
-            "seconds": self.seconds,
-            "target_accuracy": self.target_accuracy,
-            "small": self.small.to_dict(),
-            "large": self.large.to_dict(),
-        }
+        return demo_dict(
+            self, seconds=self.seconds, small=self.small.to_dict(), large=self.large.to_dict()
+        )
 
 
 def run_playground(

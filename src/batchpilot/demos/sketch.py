@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from batchpilot.checks import check_positive_float, check_positive_int
-from batchpilot.demos.findings import Finding, verdict
+from batchpilot.demos.findings import Finding, demo_dict, verdict
 from batchpilot.errors import BadInputError
 from batchpilot.state import preserved_rng
 from batchpilot.task import Task
@@ -140,25 +140,7 @@ class SketchResult:
         return [header, *body]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "source": self.source,
-            "claim": self.claim,
-            "verdict": self.verdict,
-            "reproduced": all(f.holds for f in self.findings),
-            "findings": [f.to_dict() for f in self.findings],
-            "seed": self.seed,
-            "quick": self.quick,
-            "seconds": self.seconds,
-            "lr": self.lr,
-            "epochs": self.epochs,
-            "train_x": list(self.train_x),
-            "train_y": list(self.train_y),
-            "test_x": list(self.test_x),
-            "test_y": list(self.test_y),
-            "grid": list(self.grid),
-            "runs": [run.to_dict() for run in self.runs],
-        }
+        return demo_dict(self, runs=[run.to_dict() for run in self.runs])
 
 
 def gradient_cosines(task: Task, model: nn.Module, batch: int) -> list[float]:

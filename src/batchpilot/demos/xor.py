@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from batchpilot.checks import check_positive_float, check_positive_int
-from batchpilot.demos.findings import Finding, first_reaching, verdict
+from batchpilot.demos.findings import Finding, demo_dict, first_reaching, verdict
 from batchpilot.errors import BadInputError
 from batchpilot.loading import load_task
 from batchpilot.training._loop import TrainResult, train
@@ -143,22 +143,12 @@ class XorResult:
         return [header, *body]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "source": self.source,
-            "claim": self.claim,
-            "verdict": self.verdict,
-            "reproduced": all(f.holds for f in self.findings),
-            "findings": [f.to_dict() for f in self.findings],
-            "seed": self.seed,
-            "quick": self.quick,
-            "seconds": self.seconds,
-            "fit_loss": self.fit_loss,
-            "min_plateau_iterations": self.min_plateau_iterations,
-            "tolerance": self.tolerance,
-            "full_batch": self.full_batch.to_dict(),
-            "mini_batch": self.mini_batch.to_dict(),
-        }
+        return demo_dict(
+            self,
+            seconds=self.seconds,
+            full_batch=self.full_batch.to_dict(),
+            mini_batch=self.mini_batch.to_dict(),
+        )
 
 
 def find_plateaus(

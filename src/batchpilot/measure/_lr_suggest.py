@@ -39,6 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from batchpilot.errors import BadInputError
+from batchpilot.jsonio import fields_dict
 
 Method = Literal["steepest", "valley", "minimum_over_10"]
 METHODS: tuple[Method, ...] = ("steepest", "valley", "minimum_over_10")
@@ -59,7 +60,7 @@ class Suggestions:
     window: tuple[int, int] = field(default=(0, 0))  # the trimmed points [begin, end) the rules saw
 
     def to_dict(self) -> dict[str, Any]:
-        return {"values": dict(self.values), "message": self.message, "window": list(self.window)}
+        return fields_dict(self)
 
 
 def check_method(method: str) -> Method:
@@ -279,14 +280,14 @@ class Spread:
     count: int
 
     def to_dict(self) -> dict[str, float | None]:
-        return {"median": self.median, "q1": self.q1, "q3": self.q3}
+        return fields_dict(self)
 
 
 def spread(values: Sequence[float | None]) -> Spread:
     """Median and quartiles of the suggestions that exist.
 
     >>> spread([0.01, 0.02, None, 0.04]).to_dict()
-    {'median': 0.02, 'q1': 0.015, 'q3': 0.03}
+    {'median': 0.02, 'q1': 0.015, 'q3': 0.03, 'count': 3}
     """
     found = np.array([v for v in values if v is not None], dtype=float)
     if len(found) == 0:

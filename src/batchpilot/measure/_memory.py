@@ -48,6 +48,7 @@ from batchpilot.checks import check_positive_int, check_trainable
 from batchpilot.data import to_device
 from batchpilot.devices import release_memory
 from batchpilot.errors import BadInputError, UserCodeError
+from batchpilot.jsonio import fields_dict
 from batchpilot.oom import is_out_of_memory
 from batchpilot.precision import backward, make_scaler, optimizer_step, step_skipped
 from batchpilot.state import preserved, preserved_rng
@@ -99,16 +100,7 @@ class StepMemory:
         return max(0, self.reserved_bytes - self.peak_bytes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "micro_batch": self.micro_batch,
-            "peak_bytes": self.peak_bytes,
-            "reserved_bytes": self.reserved_bytes,
-            "persistent_bytes": self.persistent_bytes,
-            "overhead_bytes": self.overhead_bytes,
-            "mode": self.mode,
-            "device": self.device,
-            "by_category": dict(self.by_category),
-        }
+        return {**fields_dict(self), "overhead_bytes": self.overhead_bytes}
 
 
 def check_mode(mode: str) -> MemoryMode:

@@ -35,6 +35,7 @@ from torch import nn
 
 from batchpilot.checks import check_positive_int
 from batchpilot.errors import BadInputError, UserCodeError
+from batchpilot.jsonio import fields_dict
 from batchpilot.measure._memory import (
     MemoryProbe,
     StepMemory,
@@ -164,15 +165,7 @@ class Probe:
     estimated: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "batch": self.batch,
-            "peak_bytes": self.peak_bytes,
-            "reserved_bytes": self.reserved_bytes,
-            "ok": self.ok,
-            "out_of_memory": self.out_of_memory,
-            "stage": self.stage,
-            "estimated": self.estimated,
-        }
+        return fields_dict(self)
 
 
 @dataclass(frozen=True)
@@ -444,29 +437,7 @@ class MaxBatchResult:
     precision: str = "32"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "max_micro_batch": self.max_micro_batch,
-            "peak_bytes": self.peak_bytes,
-            "reserved_bytes": self.reserved_bytes,
-            "fixed_bytes": self.fixed_bytes,
-            "bytes_per_sample": self.bytes_per_sample,
-            "budget_bytes": self.budget_bytes,
-            "budget_source": self.budget_source,
-            "margin": self.margin,
-            "margin_bytes": self.margin_bytes,
-            "limit_bytes": self.limit_bytes,
-            "overhead_bytes": self.overhead_bytes,
-            "fit_error": self.fit_error,
-            "poor_fit": self.poor_fit,
-            "capped_by": self.capped_by,
-            "mode": self.mode,
-            "device": self.device,
-            "precision": self.precision,
-            "steps": self.steps,
-            "seconds": self.seconds,
-            "probes": [probe.to_dict() for probe in self.probes],
-            "notes": list(self.notes),
-        }
+        return fields_dict(self)
 
 
 def find_max_batch(

@@ -22,6 +22,7 @@ from typing import Any
 
 from batchpilot.checks import check_positive_int
 from batchpilot.errors import BadInputError
+from batchpilot.jsonio import fields_dict
 from batchpilot.plan._split import SupportsThroughput, split_batch
 
 
@@ -60,17 +61,10 @@ class AccumulationPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "target_global_batch": self.target_global_batch,
+            **fields_dict(self),
             "global_batch": self.global_batch,
             "exact": self.exact,
-            "micro_batch": self.micro_batch,
-            "accumulation_steps": self.accumulation_steps,
-            "world_size": self.world_size,
-            "max_micro_batch": self.max_micro_batch,
-            "samples_per_second": self.samples_per_second,
             "seconds_per_optimizer_step": self.seconds_per_optimizer_step,
-            "largest_micro_batch_samples_per_second": self.largest_micro_batch_samples_per_second,
-            "reason": self.reason,
         }
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from batchpilot.errors import BadInputError
+from batchpilot.jsonio import fields_dict
 from batchpilot.sweep.budgets import TARGET_OBJECTIVES, Mode, check_objective, objective_mode
 from batchpilot.sweep.trials import TrialResult
 
@@ -95,13 +96,7 @@ class BestChoice:
     key: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "objective": self.objective,
-            "batch": self.batch,
-            "lr": self.lr,
-            "value": self.value,
-            "key": self.key,
-        }
+        return fields_dict(self)
 
 
 def best_by_objective(
@@ -137,15 +132,7 @@ class StepsFit:
         return self.s_min + self.e_min / batch
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "formula": "S = S_min (1 + B_crit / B)",
-            "s_min": self.s_min,
-            "b_crit": self.b_crit,
-            "e_min": self.e_min,
-            "batches": list(self.batches),
-            "steps": list(self.steps),
-            "rms_log_error": self.rms_log_error,
-        }
+        return {"formula": "S = S_min (1 + B_crit / B)", **fields_dict(self)}
 
 
 def fit_steps_to_target(batches: Sequence[int], steps: Sequence[float]) -> StepsFit:
@@ -199,15 +186,7 @@ class LrFit:
         return self.lr_at_ref * (batch / self.ref_batch) ** self.exponent
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "formula": "lr = lr_at_ref · (B / ref_batch)^exponent",
-            "exponent": self.exponent,
-            "lr_at_ref": self.lr_at_ref,
-            "ref_batch": self.ref_batch,
-            "batches": list(self.batches),
-            "lrs": list(self.lrs),
-            "tuned": self.tuned,
-        }
+        return {"formula": "lr = lr_at_ref · (B / ref_batch)^exponent", **fields_dict(self)}
 
 
 def fit_lr_exponent(batches: Sequence[int], lrs: Sequence[float], *, tuned: bool = True) -> LrFit:

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from batchpilot.errors import BadInputError
+from batchpilot.jsonio import fields_dict
 from batchpilot.sweep.trials import TrialResult
 
 SCHEMA_VERSION = 1
@@ -71,13 +72,7 @@ class SweepRecord:
     failed_trials: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "created": self.created,
-            "config": self.config,
-            "finished_trials": self.finished_trials,
-            "failed_trials": self.failed_trials,
-        }
+        return fields_dict(self)
 
 
 class TrialStore:

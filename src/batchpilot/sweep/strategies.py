@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal, Protocol, get_args
 
 from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.errors import BadInputError
+from batchpilot.jsonio import fields_dict
 
 Direction = Literal["both", "down", "up"]
 DIRECTIONS: tuple[str, ...] = get_args(Direction)
@@ -169,16 +170,7 @@ class Ladder:
         return best - score > self.min_improvement * abs(best)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "start": self.start,
-            "factor": self.factor,
-            "direction": self.direction,
-            "patience": self.patience,
-            "min_improvement": self.min_improvement,
-            "min_batch": self.min_batch,
-            "max_batch": self.max_batch,
-        }
+        return {"kind": self.kind, **fields_dict(self)}
 
 
 @dataclass(frozen=True)
@@ -224,7 +216,7 @@ class Grid:
         return [batch for batch in self.batches if batch not in scores]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "batches": list(self.batches)}
+        return {"kind": self.kind, **fields_dict(self)}
 
 
 @dataclass(frozen=True)
