@@ -220,3 +220,33 @@ def test_tune_measures_every_phase_in_the_precision_asked_and_says_so() -> None:
     assert data["memory"]["precision"] == data["throughput"]["precision"] == "bf16-mixed"
     assert data["lr_find"]["precision"] == "bf16-mixed"
     assert data["noise"]["precision"] == "bf16-mixed"
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    from batchpilot.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return int(info.value.code or 0), out, err
+
+
+@pytest.mark.parametrize("command", ["tune", "memory", "throughput", "lr-find", "noise", "train"])
+def test_every_measuring_command_refuses_a_bad_precision_in_one_line(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    code, out, err = _cli(capsys, command, "--example", "xor4", "--precision", "fp16")
+    assert code == 2 and not out
+    assert err.strip().splitlines() == [
+        "batchpilot: error: --precision: expected one of 32, bf16-mixed, 16-mixed, got 'fp16'"
+    ]
+
+
+def test_the_commands_measure_in_the_precision_given(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    base = ("--example", "xor4", "--precision", "bf16-mixed", "--format", "json")
+    code, out, _ = _cli(capsys, "train", *base, "--batch", "16", "--lr", "10", "--steps", "20")
+    assert code == 0 and json.loads(out)["precision"] == "bf16-mixed"
+    code, out, _ = _cli(capsys, "memory", *base, "--device-memory", "64MiB")
+    assert code == 0 and json.loads(out)["precision"] == "bf16-mixed"

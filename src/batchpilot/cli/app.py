@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from batchpilot.checks import check_positive_int
+from batchpilot.checks import check_positive_int, check_precision
 from batchpilot.devices import DEVICE_CHOICES
 from batchpilot.errors import BadInputError
 from batchpilot.examples import EXAMPLES
@@ -83,6 +83,21 @@ SeedOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help=f"Where to measure: {DEVICE_CHOICES}.")]
+
+
+def _check_precision(precision: str | None) -> str | None:
+    return None if precision is None else check_precision(precision, "--precision")
+
+
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--precision",
+        help="Measure and train in 32, bf16-mixed or 16-mixed (autocast; a GradScaler for "
+        "16-mixed) [default: the task's precision, else 32].",
+        callback=_check_precision,
+    ),
+]
 DebugOpt = Annotated[
     bool, typer.Option("--debug", help="Show the full traceback when something fails.")
 ]

@@ -18,6 +18,7 @@ from batchpilot.cli.app import (
     FormatOpt,
     MicroBatchOpt,
     OutputFormat,
+    PrecisionOpt,
     SeedOpt,
     TaskArg,
     check_out_folder,
@@ -122,13 +123,14 @@ def lr_find_command(
     plot: Annotated[
         bool, typer.Option("--plot/--no-plot", help="Write the plot and the JSON file to --out.")
     ] = True,
+    precision: PrecisionOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
     if plot:
         check_out_folder(out)
-    task = get_task(task_spec, example)
+    task = get_task(task_spec, example).with_precision(precision)
     micro, steps_per_batch = split_options(
         batch, micro_batch, accumulation, default_batch=task.reference_batch
     )

@@ -18,6 +18,7 @@ from batchpilot.cli.app import (
     OldMaxBatchOpt,
     OutOpt,
     OutputFormat,
+    PrecisionOpt,
     SeedOpt,
     TaskArg,
     check_out_folder,
@@ -116,6 +117,7 @@ def memory_command(
     ] = None,
     old_max_batch: OldMaxBatchOpt = None,
     mode: ModeOpt = "auto",
+    precision: PrecisionOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -126,7 +128,7 @@ def memory_command(
     check_out_folder(out)
     fraction, budget = _margin(margin), _budget(device_memory)
     cap = renamed("--max-batch", "--max-micro-batch", old_max_batch, max_micro_batch)
-    task = get_task(task_spec, example)
+    task = get_task(task_spec, example).with_precision(precision)
     with option_names(**_NAMES), stderr().status("measuring memory…"):
         result = find_max_batch(
             task,
@@ -245,6 +247,7 @@ def throughput_command(
     ] = 1,
     device_memory: DeviceMemoryOpt = None,
     margin: MarginOpt = 0.05,
+    precision: PrecisionOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -272,7 +275,7 @@ def throughput_command(
             raise BadInputError(
                 f"--micro-batches: expected comma-separated integers, got {listed!r}"
             ) from exc
-    task = get_task(task_spec, example)
+    task = get_task(task_spec, example).with_precision(precision)
     with option_names(**_NAMES), stderr().status("timing training steps…"):
         run = run_throughput(
             task,

@@ -23,6 +23,7 @@ from batchpilot.cli.app import (
     OutOpt,
     OutputFormat,
     PhaseBars,
+    PrecisionOpt,
     SeedOpt,
     TaskArg,
     check_out_folder,
@@ -106,6 +107,7 @@ def noise_command(
     lr_repeats: Annotated[
         int, typer.Option("--lr-repeats", help="Range tests over seeds (only without --lr).")
     ] = NOISE_LR_REPEATS,
+    precision: PrecisionOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -113,7 +115,7 @@ def noise_command(
 ) -> None:
     check_out_folder(out)
     accumulation = renamed("--micro-batches", "--accumulation", old_micro_batches, accumulation)
-    task = get_task(task_spec, example)
+    task = get_task(task_spec, example).with_precision(precision)
     with option_names(micro_batches="--accumulation"), progress() as bar:
         run = run_noise(
             task,

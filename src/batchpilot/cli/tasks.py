@@ -19,6 +19,7 @@ from batchpilot.cli.app import (
     FormatOpt,
     MicroBatchOpt,
     OutputFormat,
+    PrecisionOpt,
     SeedOpt,
     TaskArg,
     check_batch_options,
@@ -110,6 +111,7 @@ def train_command(
         int | None, typer.Option("--steps", help="Optimizer steps to train instead of --epochs.")
     ] = None,
     evals: Annotated[int, typer.Option("--evals", help="Validation points over the run.")] = 5,
+    precision: PrecisionOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     fmt: FormatOpt = OutputFormat.table,
@@ -125,7 +127,7 @@ def train_command(
     check_positive_int("--evals", evals)
     if steps is not None and epochs is not None:
         raise BadInputError("--steps: give either --steps or --epochs, not both")
-    task = get_task(task_spec, example)
+    task = get_task(task_spec, example).with_precision(precision)
     micro, steps_per_batch = split_options(
         batch, micro_batch, accumulation, default_batch=task.reference_batch
     )
