@@ -17,6 +17,7 @@ from batchpilot.cli.app import (
     OldMaxBatchOpt,
     OutputFormat,
     PhaseBars,
+    PrecisionOpt,
     SeedOpt,
     TaskArg,
     check_out_folder,
@@ -153,6 +154,7 @@ def tune_command(
     out: Annotated[
         Path, typer.Option("--out", help="Folder for the HTML report and its JSON.")
     ] = Path("batchpilot-report"),
+    precision: PrecisionOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     fmt: FormatOpt = OutputFormat.table,
@@ -185,6 +187,7 @@ def tune_command(
                 verify_epochs=verify_epochs,
                 time_budget_seconds=time_budget,
                 threads=threads,
+                precision=precision,
             ),
         )
 
