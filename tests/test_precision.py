@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 from batchpilot import Task, find_lr, find_max_batch, measure_noise_scale, measure_throughput
 from batchpilot.errors import BadInputError
+from batchpilot.report.tune import write_tune_report
 from batchpilot.state import capture_rng
 from batchpilot.summary import summarize_task
 from batchpilot.training._loop import train
@@ -202,7 +205,7 @@ def test_the_users_model_optimizer_and_rng_are_left_as_they_were() -> None:
         assert torch.equal(rng.torch_cpu, again.torch_cpu) and rng.python == again.python
 
 
-def test_tune_measures_every_phase_in_the_precision_asked_and_says_so() -> None:
+def test_tune_measures_every_phase_in_the_precision_asked_and_says_so(tmp_path: Path) -> None:
     options = TuneOptions(
         max_batch=64,
         throughput_steps=2,
@@ -220,6 +223,9 @@ def test_tune_measures_every_phase_in_the_precision_asked_and_says_so() -> None:
     assert data["memory"]["precision"] == data["throughput"]["precision"] == "bf16-mixed"
     assert data["lr_find"]["precision"] == "bf16-mixed"
     assert data["noise"]["precision"] == "bf16-mixed"
+    page = write_tune_report(result, tmp_path).read_text()
+    assert "in bf16-mixed precision (measured so)" in page and "precision bf16-mixed" in page
+    assert json.loads((tmp_path / "result.json").read_text())["precision"] == "bf16-mixed"
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -243,8 +249,6 @@ def test_every_measuring_command_refuses_a_bad_precision_in_one_line(
 
 
 def test_the_commands_measure_in_the_precision_given(capsys: pytest.CaptureFixture[str]) -> None:
-    import json
-
     base = ("--example", "xor4", "--precision", "bf16-mixed", "--format", "json")
     code, out, _ = _cli(capsys, "train", *base, "--batch", "16", "--lr", "10", "--steps", "20")
     assert code == 0 and json.loads(out)["precision"] == "bf16-mixed"

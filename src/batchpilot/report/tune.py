@@ -52,6 +52,7 @@ def build_tune_document(result: TuneResult) -> Document:
         f"Train {task.name} at global batch {rec.global_batch} (micro-batch {rec.micro_batch} × "
         f"{rec.accumulation_steps} accumulation × {rec.world_size} devices) with lr {rec.lr:.4g}"
         + (f" and a {rec.warmup_steps}-step warm-up" if rec.warmup_steps else "")
+        + ("" if task.precision == "32" else f", in {task.precision} precision (measured so)")
         + f". The batch is bound by {rec.bound_by}."
         + (
             f" The scaling rule gave lr {rec.rule_lr:.4g}; short runs at this batch chose "
@@ -284,7 +285,8 @@ def build_tune_document(result: TuneResult) -> Document:
         Section(
             "Run",
             paragraphs=[
-                f"Device {result.options.device}, seed {result.options.seed}. Time: {timing}."
+                f"Device {result.options.device}, precision {task.precision}, seed "
+                f"{result.options.seed}. Time: {timing}."
             ],
         )
     )
