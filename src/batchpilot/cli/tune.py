@@ -37,6 +37,7 @@ from batchpilot.tune import (
     TuneIncomplete,
     TuneOptions,
     TuneResult,
+    phases_budget,
     tune,
 )
 
@@ -139,8 +140,9 @@ def tune_command(
         float,
         typer.Option(
             "--time-budget",
-            help="Seconds for the whole run: every phase is sized to fit (memory and throughput "
-            "take a fifth; the range test, the noise scale and the lr checks share the rest).",
+            help="Seconds for the whole command, start-up and report included: every phase is "
+            "sized to fit (memory and throughput take a fifth; the range test, the noise scale "
+            "and the lr checks share the rest).",
         ),
     ] = DEFAULT_TIME_BUDGET_SECONDS,
     threads: Annotated[
@@ -185,7 +187,7 @@ def tune_command(
                 check_seeds=check_seeds,
                 verify=verify,
                 verify_epochs=verify_epochs,
-                time_budget_seconds=time_budget,
+                time_budget_seconds=phases_budget(time_budget),
                 threads=threads,
                 precision=precision,
             ),
