@@ -59,6 +59,7 @@ def test_the_docs_have_runnable_examples() -> None:
         for page, index, code, why, launcher in SCRIPTS
     ],
 )
+@pytest.mark.slow  # each runs a fresh interpreter, and some train for a minute
 @pytest.mark.timeout(900)
 def test_python_examples_in_the_docs_run(
     code: str, why: str | None, launcher: str | None, tmp_path: Path

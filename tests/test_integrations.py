@@ -339,6 +339,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_agree_step_down_together_and_match_one_process(tmp_path: Path) -> None:
     world = 2
     mp.start_processes(

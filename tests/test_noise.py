@@ -348,6 +348,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_equal_single_process(tmp_path: Path) -> None:
     mp.spawn(
         _ddp_worker,

@@ -55,6 +55,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_process_pool_gives_the_same_trials(in_process: SweepResult) -> None:
     pool = PoolExecutor(workers=2, threads_per_worker=1)
     try:
@@ -66,6 +67,7 @@ def test_process_pool_gives_the_same_trials(in_process: SweepResult) -> None:
     assert all(t.worker != in_process.trials[0].worker for t in pooled.trials)
 
 
+@pytest.mark.slow
 def test_ray_gives_the_same_trials(local_ray, in_process: SweepResult, tmp_path: Path) -> None:
     executor = RayExecutor()
     on_ray = run_sweep(TASK, executor=executor, store=tmp_path / "s.sqlite", **SETTINGS)

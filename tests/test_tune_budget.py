@@ -100,6 +100,7 @@ def test_throughput_respects_its_budget_and_the_step_cap() -> None:
     assert len(curve.points) >= 2
 
 
+@pytest.mark.slow
 def test_tune_total_stays_within_ten_percent_of_the_budget() -> None:
     task = _slow_task(0.01)  # every forward ≥ 10 ms whatever the batch
     budget = 12.0
@@ -111,6 +112,7 @@ def test_tune_total_stays_within_ten_percent_of_the_budget() -> None:
     assert result.conditions is not None and result.conditions.threads >= 1
 
 
+@pytest.mark.slow
 def test_a_failing_phase_still_writes_what_was_measured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -158,6 +160,7 @@ def test_threads_are_fixed_during_measurement_and_restored() -> None:
     assert replace(TuneOptions(), threads=2).threads == 2
 
 
+@pytest.mark.slow
 def test_on_a_cpu_the_ladder_stops_where_a_step_gets_slow() -> None:
     task = load_task("benchmarks/tasks/large_regression.py:task")  # 24,000 samples
     curve = measure_throughput(
@@ -169,6 +172,7 @@ def test_on_a_cpu_the_ladder_stops_where_a_step_gets_slow() -> None:
     assert any("larger batches were not" in w for w in curve.warnings)
 
 
+@pytest.mark.slow
 def test_a_reference_batch_that_cannot_be_used_is_lowered_with_a_note() -> None:
     result = tune(
         load_task(example="xor4"),
