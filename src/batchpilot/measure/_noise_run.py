@@ -180,7 +180,9 @@ def run_noise(
     if micro_batch is not None:
         check_positive_int("micro_batch", micro_batch)
         if micro_batches is not None:
-            raise BadInputError("micro_batch: give either micro_batch or micro_batches")
+            raise BadInputError(
+                "micro_batch: give either the micro-batch or the number of micro-batches"
+            )
         if batch % micro_batch:
             raise BadInputError(f"micro_batch: {micro_batch} does not divide batch {batch}")
         micro_batches = batch // micro_batch
