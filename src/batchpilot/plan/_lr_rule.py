@@ -352,8 +352,8 @@ def warmup_from_evidence(
         return Warmup(
             0,
             lr,
-            f"no warm-up: {verified_runs} runs at {lr:.3g}, constant from the first step, trained "
-            "without diverging at this batch",
+            f"no warm-up: {verified_runs} run{'s' if verified_runs > 1 else ''} at {lr:.3g}, "
+            "constant from the first step, trained without diverging at this batch",
         )
     if stable_lr is not None and lr < stable_lr:
         return Warmup(
