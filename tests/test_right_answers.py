@@ -152,26 +152,41 @@ def test_check_lr_moves_a_far_too_low_rule_lr_up_the_grid() -> None:
     assert by_lr[checked.lr].median < by_lr[checked.rule_grid_lr].median
 
 
-def _trial(k: int, median: float) -> LrTrial:
-    """Three seeds 0.05 either side of ``median``: a pooled σ of 0.05."""
-    losses = (median - 0.05, median, median + 0.05)
-    return LrTrial(GRID_FACTOR**k, losses, median, False)
-
-
-def _trials(*pairs: tuple[int, float]) -> dict[float, LrTrial]:
-    return {t.lr: t for t in (_trial(k, m) for k, m in pairs)}
+def _trial(k: int, *losses: float) -> LrTrial:
+    return LrTrial(GRID_FACTOR**k, losses, sorted(losses)[len(losses) // 2], False)
 
 
 def test_a_tie_answers_its_centre_and_a_clear_win_its_best() -> None:
-    # σ = 0.05, 3 seeds: medians within 2·√2·1.2533·0.05/√3 ≈ 0.102 of the best tie with it
-    flat = _trials((-1, 1.10), (0, 1.08), (1, 1.05), (2, 1.20), (3, 2.0))
-    lr, reason = _decide(flat, flat[GRID_FACTOR**1], GRID_FACTOR**0)
-    assert lr == pytest.approx(GRID_FACTOR**0)  # −1, 0 and 1 tie: their centre
-    assert "tie" in reason and "3 lrs" in reason
-    sharp = _trials((-1, 2.0), (0, 1.6), (1, 1.05))
+    flat = {
+        t.lr: t
+        for t in (
+            _trial(-1, 1.0, 1.1, 1.2),
+            _trial(0, 1.02, 1.1, 1.3),
+            _trial(1, 1.0, 1.05, 1.1),
+            _trial(2, 1.1, 1.15, 1.2),
+            _trial(3, 2.0, 2.1, 2.2),
+        )
+    }
+    best = min(flat.values(), key=lambda t: (t.median, t.lr))
+    # the best (lr 1, median 1.05) reaches 1.1: lrs −1, 0 and 1 tie, 2 (1.15) and 3 do not
+    lr, reason = _decide(flat, best, GRID_FACTOR**0)
+    assert lr == pytest.approx(GRID_FACTOR**0)  # tie of −1, 0, 1: its centre
+    assert "tie" in reason
+    sharp = {
+        t.lr: t
+        for t in (_trial(-1, 2.0, 2.1, 2.2), _trial(0, 1.5, 1.6, 1.7), _trial(1, 1.0, 1.05, 1.1))
+    }
     lr, reason = _decide(sharp, sharp[GRID_FACTOR**1], GRID_FACTOR**0)
     assert lr == pytest.approx(GRID_FACTOR**1) and "beat every other lr" in reason
-    even = _trials((0, 1.10), (1, 1.05), (2, 1.10), (3, 1.12))
+    even = {
+        t.lr: t
+        for t in (
+            _trial(0, 1.0, 1.1, 1.2),
+            _trial(1, 1.0, 1.05, 1.2),
+            _trial(2, 1.0, 1.1, 1.3),
+            _trial(3, 1.0, 1.12, 1.3),
+        )
+    }
     lr, _ = _decide(even, even[GRID_FACTOR**1], GRID_FACTOR**0)
     assert lr == pytest.approx(GRID_FACTOR**1)  # middles 1 and 2: the lower median, 1
 

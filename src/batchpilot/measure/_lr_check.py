@@ -4,15 +4,14 @@ A scaling rule (linear, square-root, noise-aware, Adam's) carries an lr measured
 another, and every input to it is a measurement with its own noise: the range test's lr, the noise
 scale. :func:`check_lr` trains the new batch for the steps the plan predicts at the grid point
 nearest the rule's lr and at its neighbours (``×√2``, ``÷√2``), with a few seeds each, and extends
-the grid while the candidates that tie with the best (below) reach its edge, so the optimum it
-reports is interior and the tie bounded on both sides. The
+the grid while the best candidate sits at its edge, so the optimum it reports is interior. The
 grid is fixed (powers of √2, as in :func:`~batchpilot.measure._lr_range.verification_candidates`),
 so two runs whose rule lrs differ a little propose the same lrs, and adjacent answers differ by at
 most ×1.41.
 
-The decision is a stated rule, not the accident of one seed: every lr whose median loss is within
-two standard errors of the best's (the seeds' spread pooled over candidates) ties with the best,
-and the grid point at the centre of the tie is chosen (the rule's own point when it is there). A flat optimum, where several lrs train
+The decision is a stated rule, not the accident of one seed: every lr whose median loss is at or
+below the best candidate's worst seed ties with the best, and the grid point at the centre of the
+tie is chosen (the rule's own point when it is there). A flat optimum, where several lrs train
 alike, answers its middle whatever noise ranked first; a sharp one answers its best (Shallue et
 al. 2019 re-tune the lr at every batch for the same reason: the best constant lr at a batch is
 found by training, not by formula).
@@ -120,33 +119,12 @@ def _exponent(lr: float) -> int:
     return round(math.log(lr) / math.log(GRID_FACTOR))
 
 
-def _reach(trials: dict[float, LrTrial], best: LrTrial) -> float:
-    """The highest median that ties with ``best``: two standard errors of a difference of two
-    medians above it, σ pooled over every candidate's seeds (the seed-to-seed spread of a loss
-    is about the same at neighbouring lrs, and pooling steadies it). One seed each: no tie."""
-    groups = [t.losses for t in trials.values() if math.isfinite(t.median) and len(t.losses) > 1]
-    dof = sum(len(g) - 1 for g in groups)
-    if not dof:
-        return best.median
-    squares = sum((v - sum(g) / len(g)) ** 2 for g in groups for v in g)
-    sigma = math.sqrt(squares / dof)
-    # the median of n draws has a standard error of about 1.2533 σ / √n
-    se_difference = math.sqrt(2.0) * 1.2533 * sigma / math.sqrt(len(best.losses))
-    return best.median + 2.0 * se_difference
-
-
-def _tied(trials: dict[float, LrTrial], best: LrTrial) -> list[float]:
-    """The lrs that tie with ``best``: medians within :func:`_reach` of it."""
-    reach = _reach(trials, best)
-    return sorted(t.lr for t in trials.values() if math.isfinite(t.median) and t.median <= reach)
-
-
 def _decide(trials: dict[float, LrTrial], best: LrTrial, centre: float) -> tuple[float, str]:
-    """The centre of the tie: every lr whose median is within the best's reach (:func:`_reach`)
-    ties with it; the grid point halfway between the tie's lowest and highest lr is chosen (of
-    two middle points, the one with the lower median)."""
-    reach = _reach(trials, best)
-    tied = _tied(trials, best)
+    """The centre of the tie: every lr whose median is within the best's reach (at or below the
+    best's worst seed) ties with it; the grid point halfway between the tie's lowest and highest
+    lr is chosen (of two middle points, the one with the lower median)."""
+    reach = max(best.losses)
+    tied = sorted(t.lr for t in trials.values() if math.isfinite(t.median) and t.median <= reach)
     low, high = _exponent(tied[0]), _exponent(tied[-1])
     middle = [k for k in {math.floor((low + high) / 2), math.ceil((low + high) / 2)}]
     by_exponent = {_exponent(t.lr): t for t in trials.values()}
@@ -162,7 +140,7 @@ def _decide(trials: dict[float, LrTrial], best: LrTrial, centre: float) -> tuple
     else:
         reason = (
             f"{len(tied)} lrs from {tied[0]:.3g} to {tied[-1]:.3g} tie with the best "
-            f"{best.lr:.3g} (medians within 2 standard errors of its, ≤ {reach:.4g}); the tie's centre "
+            f"{best.lr:.3g} (medians at or below its worst seed, {reach:.4g}); the tie's centre "
             f"{chosen.lr:.3g} is chosen"
             + (", the rule's own" if chosen.lr == centre else f" (the rule gave {centre:.3g})")
         )
@@ -184,9 +162,9 @@ def check_lr(
 ) -> LrCheck:
     """Train ``task`` at ``micro_batch × accumulation_steps`` for ``steps`` steps at the √2-grid
     point nearest ``rule_lr`` and its two neighbours (``seeds`` seeds each, from ``seed``), then
-    one grid point further while the lrs that tie with the best reach an edge of what was tried
-    (up to ``MAX_EXTENSIONS`` times, never above an lr that diverged), and choose by the rule in
-    the module docstring. ``time_budget_seconds`` stops the extensions (and further candidates) once
+    one grid point further while the best is at an edge of what was tried (up to
+    ``MAX_EXTENSIONS`` times, never past an lr that diverged), and choose by the rule in the
+    module docstring. ``time_budget_seconds`` stops the extensions (and further candidates) once
     spent: the result says whether the grid was ``complete``. ``on_run(runs_done)`` after each
     candidate.
     """
@@ -224,28 +202,18 @@ def check_lr(
         run(centre * GRID_FACTOR**k)
     for _ in range(MAX_EXTENSIONS):
         best = min(trials.values(), key=lambda t: (t.median, t.lr))
-        tied = _tied(trials, best) if math.isfinite(best.median) else []
-        diverged_above = any(t.diverged and t.lr > best.lr for t in trials.values())
         if not math.isfinite(best.median):
-            nxt = min(trials) / GRID_FACTOR  # every candidate diverged: go lower
+            below = min(trials) / GRID_FACTOR  # every candidate diverged: go lower
+        elif best.lr == max(trials) and not any(t.diverged for t in trials.values()):
+            below = best.lr * GRID_FACTOR
+        elif best.lr == min(trials):
+            below = best.lr / GRID_FACTOR
         else:
-            top = max(trials) in tied and not diverged_above
-            bottom = min(trials) in tied
-            if top and bottom:  # both edges: extend on the side nearer the best (below if even)
-                top = _exponent(max(trials)) - _exponent(best.lr) < (
-                    _exponent(best.lr) - _exponent(min(trials))
-                )
-                bottom = not top
-            if top:
-                nxt = max(trials) * GRID_FACTOR  # the tie reaches the top: bound it
-            elif bottom:
-                nxt = min(trials) / GRID_FACTOR
-            else:
-                break
+            break
         if out_of_time():
             complete = False
             break
-        run(nxt)
+        run(below)
     ranked = sorted(trials.values(), key=lambda t: (t.median, t.lr))
     best = ranked[0]
     best_lr = best.lr if math.isfinite(best.median) else None
