@@ -13,8 +13,21 @@ from torch.utils.data import TensorDataset
 
 from batchpilot import Task
 from batchpilot.errors import BadInputError
-from batchpilot.measure import check_lr, grid_point, measure_noise_scale, with_adam_scaling
-from batchpilot.measure._lr_check import GRID_FACTOR, LrTrial, _decide
+from batchpilot.measure import (
+    _lr_check,
+    check_lr,
+    grid_point,
+    measure_noise_scale,
+    with_adam_scaling,
+)
+from batchpilot.measure._lr_check import (
+    GRID_FACTOR,
+    MAX_CANDIDATES,
+    CandidateCheck,
+    LrTrial,
+    _decide,
+    check_betas,
+)
 from batchpilot.measure._noise import _Window
 from batchpilot.plan import (
     WARMUP_MAX_FRACTION,
@@ -191,6 +204,148 @@ def test_a_tie_answers_its_centre_and_a_clear_win_its_best() -> None:
     assert lr == pytest.approx(GRID_FACTOR**1)  # middles 1 and 2: the lower median, 1
 
 
+def _fake_training(
+    monkeypatch: pytest.MonkeyPatch,
+    loss: Any,
+    seconds_per_step: float = 0.0,
+) -> list[tuple[float, int]]:
+    """Replace the check's training runs by ``loss(lr, steps, seed)`` (inf = diverged); returns
+    the (lr, steps) of every candidate run, in order."""
+    calls: list[tuple[float, int]] = []
+
+    def more_seeds(task: Task, check: Any, seeds: Any, *, steps: int, **_: Any) -> Any:
+        calls.append((check.lr, steps))
+        if seconds_per_step:
+            import time
+
+            time.sleep(seconds_per_step * steps * len(seeds))
+        losses = tuple(float(loss(check.lr, steps, s)) for s in seeds)
+        diverged = any(math.isinf(v) for v in losses)
+        median = math.inf if diverged else sorted(losses)[len(losses) // 2]
+        return CandidateCheck(check.lr, (), median, None, diverged, losses)
+
+    monkeypatch.setattr(_lr_check, "_more_seeds", more_seeds)
+    return calls
+
+
+def _bowl(best: float, *, width: float = 1.0, noise: float = 0.01) -> Any:
+    """A loss that is lowest at lr ``best``, quadratic in log lr, with a seed's own offset."""
+
+    def loss(lr: float, steps: int, seed: int) -> float:
+        return 1.0 + (math.log(lr / best) / width) ** 2 + noise * ((seed * 7919) % 13) / 13
+
+    return loss
+
+
+def _exp(lr: float) -> int:
+    return round(math.log(lr) / math.log(GRID_FACTOR))
+
+
+def test_check_lr_gallops_to_an_optimum_far_from_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the optimum 64× (12 grid points) above the rule's lr: a walk of √2 steps would need 12 runs
+    calls = _fake_training(monkeypatch, _bowl(0.01 * 64, width=0.5))
+    task = _regression_task(train=64, val=16, features=2, noise=0.1)
+    checked = check_lr(task, rule_lr=0.01, micro_batch=16, steps=20, seeds=3)
+    assert _exp(checked.lr) == _exp(0.64) and checked.complete
+    assert len(calls) <= MAX_CANDIDATES  # ×√2, ×2, ×4, ×16 steps, then the gap next to the best
+    exponents = sorted(_exp(t.lr) for t in checked.trials)
+    assert _exp(0.64) - 1 in exponents and _exp(0.64) + 1 in exponents  # both neighbours run
+    assert not checked.kept_rule and checked.best_lr == checked.lr
+
+
+def test_check_lr_leaves_a_plateau_upward(monkeypatch: pytest.MonkeyPatch) -> None:
+    # below lr 0.5 every run sits on the same plateau (seed noise only); above it the loss drops
+    def loss(lr: float, steps: int, seed: int) -> float:
+        plateau = 1.0 + 0.001 * seed
+        return plateau if lr < 0.5 else plateau - 0.5 + (math.log(lr / 2.0)) ** 2 * 0.1
+
+    _fake_training(monkeypatch, loss)
+    task = _regression_task(train=64, val=16, features=2, noise=0.1)
+    checked = check_lr(task, rule_lr=0.02, micro_batch=16, steps=20, seeds=3)
+    assert checked.lr > 0.5  # off the plateau
+    assert abs(_exp(checked.lr) - _exp(2.0)) <= 1
+
+
+def test_check_lr_doubles_its_horizon_until_the_target_is_reached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # short-horizon bias: after t steps the loss is c·lr (the floor a constant lr leaves) plus
+    # A/(lr·t) (the distance still to go); the best lr falls as √(A/(c t)) as the horizon grows
+    def loss(lr: float, steps: int, seed: int) -> float:
+        return 0.5 * lr + 2.0 / (lr * steps) + 0.001 * seed
+
+    calls = _fake_training(monkeypatch, loss)
+    task = _regression_task(train=64, val=16, features=2, noise=0.1)
+    # at 25 steps the best (lr ≈ 0.4) reaches 0.4; at 100 steps the best (0.2) reaches 0.2
+    checked = check_lr(task, rule_lr=0.4, micro_batch=16, steps=25, seeds=3, target_loss=0.21)
+    assert checked.horizons == (25, 50, 100) and checked.steps == 100
+    assert checked.reached is True
+    assert {steps for _, steps in calls} == {25, 50, 100}
+    assert _exp(checked.lr) == _exp(0.2)  # the long horizon's optimum, half the short one's
+    assert all(t.steps == 100 for t in checked.trials)
+    assert {t.steps for t in checked.earlier} == {25, 50}
+    assert "target loss" in checked.reason
+    # without a target the first horizon decides
+    short = check_lr(task, rule_lr=0.4, micro_batch=16, steps=25, seeds=3)
+    assert short.horizons == (25,) and _exp(short.lr) == _exp(0.4)
+
+
+def test_check_lr_starts_a_longer_horizon_only_when_it_fits_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def loss(lr: float, steps: int, seed: int) -> float:
+        return 0.5 * lr + 2.0 / (lr * steps) + 0.001 * seed
+
+    _fake_training(monkeypatch, loss, seconds_per_step=2e-4)  # 3 seeds × 25 steps: 15 ms a run
+    task = _regression_task(train=64, val=16, features=2, noise=0.1)
+    checked = check_lr(
+        task,
+        rule_lr=0.4,
+        micro_batch=16,
+        steps=25,
+        seeds=3,
+        target_loss=0.21,
+        time_budget_seconds=0.12,
+    )
+    # the first horizon's ~5 runs take ~75 ms; the next (3 lrs × 50 steps, ~90 ms) does not fit
+    assert checked.horizons == (25,) and checked.reached is False
+
+
+def test_a_tie_is_bounded_on_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a flat optimum from 0.1 to 0.4: seeds cannot tell those lrs apart, outside they are worse
+    def loss(lr: float, steps: int, seed: int) -> float:
+        inside = 0.1 <= lr <= 0.4 + 1e-9
+        return 1.0 + 0.01 * seed + (0.0 if inside else abs(math.log(lr / 0.2)))
+
+    _fake_training(monkeypatch, loss)
+    task = _regression_task(train=64, val=16, features=2, noise=0.1)
+    checked = check_lr(task, rule_lr=0.2, micro_batch=16, steps=20, seeds=3)
+    exponents = {_exp(t.lr) for t in checked.trials}
+    assert {-6, -5, -4, -3} <= exponents  # the grid points 0.125 … 0.354 inside the flat part
+    assert {-7, -2} <= exponents  # and a worse lr run beyond each end (0.0884, 0.5)
+    assert _exp(checked.lr) == -5  # the centre of −6 … −3: −5 or −4, the lower median (a tie): −5
+    assert len(checked.trials) <= MAX_CANDIDATES
+
+
+def test_check_betas_keeps_rescaled_betas_only_on_evidence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    task = _regression_task(train=64, val=16, features=2, noise=0.1)
+    rescaled = LrTrial(0.1, (1.0, 1.01, 1.02), 1.01, False, 20)
+    check = _lr_check.LrCheck(
+        global_batch=16, micro_batch=16, accumulation_steps=1, steps=20, seeds=3, rule_lr=0.1,
+        rule_grid_lr=0.1, trials=(rescaled,), best_lr=0.1, lr=0.1, kept_rule=True, reason="",
+        split="val", seconds=0.0, complete=True,
+    )  # fmt: skip
+    _fake_training(monkeypatch, lambda lr, steps, seed: 1.5 + 0.01 * seed)  # own betas: worse
+    clear = check_betas(task, check)
+    assert clear is not None and clear.keep_rescaled and "above every rescaled seed" in clear.reason
+    _fake_training(monkeypatch, lambda lr, steps, seed: 1.005 + 0.01 * seed)  # within the spread
+    tie = check_betas(task, check)
+    assert tie is not None and not tie.keep_rescaled and "tie" in tie.reason
+    assert tie.unchanged.steps == 20 and len(tie.unchanged.losses) == 3
+
+
 def test_check_lr_goes_down_when_the_rule_lr_diverges() -> None:
     task = _regression_task(train=2048, val=256, features=8, noise=0.1)
     checked = check_lr(task, rule_lr=8.0, micro_batch=64, steps=30, seeds=1)
@@ -295,12 +450,23 @@ def test_tune_checks_adam_with_the_rescaled_betas() -> None:
     rec, check = result.recommendation, result.lr_check
     assert check is not None and rec.lr == check.lr
     kappa = rec.global_batch / rec.reference_batch
-    if rec.lr_rule == "adam":  # κ < 10: betas and eps rescaled, and reported as settings to change
-        assert rec.betas == pytest.approx((1 - kappa * 0.1, 1 - kappa * 0.001))
+    betas = result.betas_check
+    if rec.lr_rule == "adam":  # κ < 10: betas and eps rescaled, then checked against the own ones
+        assert betas is not None and betas.lr == rec.lr and betas.steps == check.steps
+        assert len(betas.unchanged.losses) == check.seeds
+        if betas.keep_rescaled:
+            assert rec.betas == pytest.approx((1 - kappa * 0.1, 1 - kappa * 0.001))
+            assert betas.rescaled.median < betas.unchanged.median
+        else:
+            assert rec.betas is None
+            assert any(r.startswith("Adam betas checked") for r in rec.reasons)
     else:  # κ = 1 (no change) or beyond the rule's reach (lr·√κ, betas kept)
-        assert rec.betas is None
+        assert rec.betas is None and betas is None
     from batchpilot.report.tune import build_tune_document
 
     text = str(build_tune_document(result).sections[0].paragraphs[1])
     assert text.startswith("Optimizer settings to change: lr")
-    assert ("betas" in text) == (rec.betas is not None)
+    changes = text.split(". Keep")[0]  # the settings to change, before any "keep" sentence
+    assert ("betas" in changes) == (rec.betas is not None)
+    if betas is not None and not betas.keep_rescaled:
+        assert "Keep the optimizer's betas and eps" in text

@@ -26,13 +26,24 @@ from batchpilot.measure._hygiene import (
     fixed_threads,
     seconds_since_process_start,
 )
-from batchpilot.measure._lr_check import LrCheck, check_lr, with_adam_scaling
+from batchpilot.measure._lr_check import (
+    BetasCheck,
+    LrCheck,
+    check_betas,
+    check_lr,
+    with_adam_scaling,
+)
 from batchpilot.measure._lr_range import LRFinderResult, find_lr, stability_edge
 from batchpilot.measure._memory_search import MaxBatchResult, find_max_batch
 from batchpilot.measure._noise import NoiseScaleResult, measure_noise_scale
 from batchpilot.measure._throughput import ThroughputCurve, measure_throughput
 from batchpilot.plan._lr_rule import lr_for_batch
-from batchpilot.plan._recommend import Recommendation, recommend, with_checked_lr
+from batchpilot.plan._recommend import (
+    Recommendation,
+    recommend,
+    with_checked_lr,
+    without_rescaled_betas,
+)
 from batchpilot.plan._split import split_batch
 from batchpilot.summary import TaskSummary, summarize_task
 from batchpilot.task import Task
@@ -58,6 +69,9 @@ MEASURE_SHARE = 0.2
 # Share of a command's --time-budget kept for writing the report once the phases are done (six
 # plots and a page: 1-3 s on a 2-core machine, more under load).
 REPORT_SHARE = 0.08
+# Seeds per lr of the reference lr check: two, so that a tie (a median within the best's worst
+# seed) can be seen at all; one seed has no spread to compare against.
+REFERENCE_CHECK_SEEDS = 2
 
 
 def phases_budget(total_seconds: float) -> float:
@@ -198,6 +212,7 @@ class TuneResult:
     verification: Verification | None
     lr_check: LrCheck | None = None
     reference_check: LrCheck | None = None
+    betas_check: BetasCheck | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     conditions: MeasurementConditions | None = None
@@ -217,6 +232,7 @@ class TuneResult:
             "reference_check": None
             if self.reference_check is None
             else self.reference_check.to_dict(),
+            "betas_check": None if self.betas_check is None else self.betas_check.to_dict(),
             "phase_seconds": dict(self.phase_seconds),
             "notes": list(self.notes),
             "conditions": None if self.conditions is None else self.conditions.to_dict(),
@@ -441,7 +457,7 @@ def _tune(
                 rule_lr=read_lr,
                 micro_batch=reference_batch,
                 steps=lr_steps,
-                seeds=1,
+                seeds=REFERENCE_CHECK_SEEDS,
                 seed=options.seed,
                 device=device,
                 time_budget_seconds=share,
@@ -533,13 +549,14 @@ def _tune(
     bar.finish("recommendation", f"batch {recommendation.global_batch}, lr {recommendation.lr:.3g}")
 
     lr_checked: LrCheck | None = None
+    betas_checked: BetasCheck | None = None
     if options.check_lr:
         plain_step = seconds["lr range test"] / max(lr_steps * lr_repeats, 1)
         check_budget = None
         if budget is not None:
             left = budget - (time.perf_counter() - started)
             check_budget = max(_later_shares(options, after_noise=True)["lr check"] * left, 1.0)
-        lr_checked = timed(
+        checks = timed(
             "lr check",
             lambda: _check(
                 task,
@@ -549,12 +566,16 @@ def _tune(
                 throughput,
                 reference_step=plain_step,
                 fallback_steps=options.lr_steps if noise is None else noise.window_steps,
+                target_loss=None if noise is None else noise.window_loss,
                 budget=check_budget,
                 notes=notes,
                 bar=bar,
             ),
         )
-        assert lr_checked is not None
+        assert checks is not None
+        lr_checked, betas_checked = checks
+        if betas_checked is not None and not betas_checked.keep_rescaled:
+            recommendation = without_rescaled_betas(recommendation, betas_checked.reason)
         recommendation = with_checked_lr(
             recommendation,
             lr_checked.lr,
@@ -598,6 +619,7 @@ def _tune(
         verification=verification,
         lr_check=lr_checked,
         reference_check=reference_check,
+        betas_check=betas_checked,
         phase_seconds=seconds,
         notes=tuple(notes),
         conditions=conditions,
@@ -625,12 +647,15 @@ def _check(
     *,
     reference_step: float,
     fallback_steps: int,
+    target_loss: float | None,
     budget: float | None,
     notes: list[str],
     bar: TuneProgress,
-) -> LrCheck:
+) -> tuple[LrCheck, BetasCheck | None]:
     """Short runs at the recommended batch around the rule's lr (:func:`check_lr`), sized to the
-    steps the plan predicts to the target and to the time left."""
+    steps the plan predicts to the noise window's loss (``target_loss``, which lengthens them
+    while the best lr has not reached it) and to the time left; for Adam with rescaled betas,
+    then the optimizer's own betas at the chosen lr (:func:`check_betas`)."""
     batch = min(recommendation.global_batch, task.train_size)
     split = split_batch(batch, max_micro_batch=max_micro, speed=throughput)
     reference = recommendation.reference_batch
@@ -674,9 +699,13 @@ def _check(
         device=options.device,
         time_budget_seconds=budget,
         on_run=lambda done: bar.update("lr check", done * seeds),
+        target_loss=target_loss,
     )
+    betas = None
+    if checked_task is not task and recommendation.betas is not None:
+        betas = check_betas(task, result, seed=options.seed, device=options.device)
     bar.finish("lr check", f"lr {result.lr:.3g} ({'rule' if result.kept_rule else 'checked'})")
-    return result
+    return result, betas
 
 
 def micro_batches_for(options: TuneOptions, batch: int) -> int:

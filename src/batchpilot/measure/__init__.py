@@ -25,8 +25,10 @@ from batchpilot.measure._hygiene import (
 )
 from batchpilot.measure._lr_check import (
     GRID_FACTOR,
+    BetasCheck,
     LrCheck,
     LrTrial,
+    check_betas,
     check_lr,
     grid_point,
     with_adam_scaling,
@@ -161,6 +163,7 @@ __all__ = [
     "VERIFY_RUNGS",
     "VERIFY_SEEDS",
     "AvailableMemory",
+    "BetasCheck",
     "CandidateCheck",
     "GradientNoiseScale",
     "LRFinderResult",
@@ -197,6 +200,7 @@ __all__ = [
     "available_memory",
     "batch_ladder",
     "busy_cores",
+    "check_betas",
     "check_lr",
     "check_method",
     "check_split",

@@ -2,19 +2,31 @@
 
 A scaling rule (linear, square-root, noise-aware, Adam's) carries an lr measured at one batch to
 another, and every input to it is a measurement with its own noise: the range test's lr, the noise
-scale. :func:`check_lr` trains the new batch for the steps the plan predicts at the grid point
-nearest the rule's lr and at its neighbours (``×√2``, ``÷√2``), with a few seeds each, and extends
-the grid while the best candidate sits at its edge, so the optimum it reports is interior. The
-grid is fixed (powers of √2, as in :func:`~batchpilot.measure._lr_range.verification_candidates`),
-so two runs whose rule lrs differ a little propose the same lrs, and adjacent answers differ by at
-most ×1.41.
+scale. :func:`check_lr` trains the new batch at the grid point nearest the rule's lr and at its
+neighbours (``×√2``, ``÷√2``), with a few seeds each. The grid is fixed (powers of √2, as in
+:func:`~batchpilot.measure._lr_range.verification_candidates`), so two runs whose rule lrs differ
+a little propose the same lrs, and adjacent answers differ by at most ×1.41.
 
-The decision is a stated rule, not the accident of one seed: every lr whose median loss is at or
-below the best candidate's worst seed ties with the best, and the grid point at the centre of the
-tie is chosen (the rule's own point when it is there). A flat optimum, where several lrs train
-alike, answers its middle whatever noise ranked first; a sharp one answers its best (Shallue et
-al. 2019 re-tune the lr at every batch for the same reason: the best constant lr at a batch is
-found by training, not by formula).
+**Ties.** Every lr whose median loss is at or below the best candidate's worst seed ties with the
+best: the seeds cannot tell them apart.
+
+**Bracketing.** The grid grows until the tie is bounded on both sides by an lr that is clearly
+worse (outside the tie) or diverged, the optimum interior as in a grid search done by hand
+(Shallue et al. 2019 re-tune the lr at every batch for the same reason). While the best sits at
+the edge of what was tried, the steps grow (×√2, ×2, ×4, …: a rule's lr can be off by an order of
+magnitude, and a walk of √2 steps would not get there); the gaps next to the tie are then filled
+in. A loss that sits on a plateau, where every lr ties, is pushed up the grid until some lr leaves
+it.
+
+**Horizon.** Short runs favour large lrs (Wu et al. 2018, "short-horizon bias"): an lr that is
+fastest for 50 steps may stall above the loss a longer run reaches. Given the loss the run is
+meant to reach (``target_loss``, the noise-scale window's), the check doubles its horizon while
+the best candidate has not reached it, re-running the tie and the lrs that bound it, and decides
+at the longest horizon it ran.
+
+**Decision.** The grid point at the centre of the final tie (of two middle points, the one with
+the lower median): a flat optimum answers its middle whatever noise ranked first, a sharp one its
+best.
 
 >>> round(grid_point(0.1), 4), round(grid_point(0.3), 4)
 (0.0884, 0.3536)
@@ -28,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from batchpilot.checks import check_positive_float, check_positive_int
@@ -36,8 +49,11 @@ from batchpilot.plan._lr_rule import lr_for_batch
 from batchpilot.task import Task
 
 GRID_FACTOR = math.sqrt(2.0)
-# How far the grid may extend past its first three points when the best sits at an edge.
-MAX_EXTENSIONS = 3
+# The most lrs one horizon may try while bracketing the tie (three to start, then at most nine
+# more: with steps of ×√2, ×2, ×4, ×16 the grid reaches a factor 256 past its first points).
+MAX_CANDIDATES = 12
+# How many times the horizon may double while the best has not reached the target loss.
+MAX_DOUBLINGS = 3
 
 
 def grid_point(lr: float) -> float:
@@ -49,12 +65,13 @@ def grid_point(lr: float) -> float:
 @dataclass(frozen=True)
 class LrTrial:
     """One candidate lr: its loss per seed (validation loss after the run, or the mean training
-    loss over its last tenth), their median, and whether a seed diverged."""
+    loss over its last tenth), their median, whether a seed diverged, and the steps it trained."""
 
     lr: float
     losses: tuple[float, ...]
     median: float
     diverged: bool
+    steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,10 @@ class LrCheck:
     split: str
     seconds: float
     complete: bool
+    horizons: tuple[int, ...] = ()
+    earlier: tuple[LrTrial, ...] = ()
+    target_loss: float | None = None
+    reached: bool | None = None
 
     @property
     def stable(self) -> bool:
@@ -85,8 +106,82 @@ class LrCheck:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["trials"] = [asdict(trial) | {"losses": list(trial.losses)} for trial in self.trials]
+        data["earlier"] = [asdict(trial) | {"losses": list(trial.losses)} for trial in self.earlier]
+        data["horizons"] = list(self.horizons)
         data["stable"] = self.stable
         return data
+
+
+@dataclass(frozen=True)
+class BetasCheck:
+    """Adam's rescaled betas and eps against the optimizer's own, at the checked lr and horizon.
+
+    The rescaled ones are kept when they train to a lower median loss and the optimizer's own do
+    not tie with them (their median above the rescaled runs' worst seed): a setting the user
+    did not ask to change changes only on evidence.
+    """
+
+    lr: float
+    steps: int
+    rescaled: LrTrial
+    unchanged: LrTrial
+    keep_rescaled: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "steps": self.steps,
+            "rescaled": asdict(self.rescaled) | {"losses": list(self.rescaled.losses)},
+            "unchanged": asdict(self.unchanged) | {"losses": list(self.unchanged.losses)},
+            "keep_rescaled": self.keep_rescaled,
+            "reason": self.reason,
+        }
+
+
+def check_betas(
+    task: Task,
+    check: LrCheck,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> BetasCheck | None:
+    """Train ``task`` (its optimizer's own betas and eps) at ``check``'s chosen lr, batch, horizon
+    and seeds, and compare with the check's run at that lr (which used the rescaled ones). None
+    when the check has no finite run at its lr."""
+    rescaled = next((t for t in check.trials if t.lr == check.lr), None)
+    if rescaled is None or not math.isfinite(rescaled.median):
+        return None
+    run = _more_seeds(
+        task,
+        CandidateCheck(check.lr, (), math.nan, None, False, ()),
+        list(range(seed, seed + check.seeds)),
+        micro_batch=check.micro_batch,
+        accumulation_steps=check.accumulation_steps,
+        steps=check.steps,
+        device=device,
+    )
+    finite = [loss for loss in run.losses if math.isfinite(loss)]
+    median = math.inf if run.diverged or not finite else run.loss
+    unchanged = LrTrial(check.lr, run.losses, median, run.diverged, check.steps)
+    keep = rescaled.median < unchanged.median and unchanged.median > max(rescaled.losses)
+    if keep:
+        reason = (
+            f"the rescaled betas and eps trained to median {rescaled.median:.4g} against "
+            f"{unchanged.median:.4g} with the optimizer's own (above every rescaled seed)"
+        )
+    elif rescaled.median < unchanged.median:
+        reason = (
+            f"the optimizer's own betas and eps tie with the rescaled ones (median "
+            f"{unchanged.median:.4g} against {rescaled.median:.4g}, within the rescaled seeds' "
+            "spread): they are kept"
+        )
+    else:
+        reason = (
+            f"the optimizer's own betas and eps trained as well or better (median "
+            f"{unchanged.median:.4g} against {rescaled.median:.4g} rescaled): they are kept"
+        )
+    return BetasCheck(check.lr, check.steps, rescaled, unchanged, keep, reason)
 
 
 def with_adam_scaling(task: Task, *, ref_batch: int, batch: int) -> Task:
@@ -119,6 +214,17 @@ def _exponent(lr: float) -> int:
     return round(math.log(lr) / math.log(GRID_FACTOR))
 
 
+def _tie(trials: dict[float, LrTrial]) -> tuple[LrTrial, list[float]] | None:
+    """The best trial and the lrs that tie with it (median at or below its worst seed), or None
+    when every trial diverged."""
+    finite = [t for t in trials.values() if math.isfinite(t.median)]
+    if not finite:
+        return None
+    best = min(finite, key=lambda t: (t.median, t.lr))
+    reach = max(best.losses)
+    return best, sorted(t.lr for t in finite if t.median <= reach)
+
+
 def _decide(trials: dict[float, LrTrial], best: LrTrial, centre: float) -> tuple[float, str]:
     """The centre of the tie: every lr whose median is within the best's reach (at or below the
     best's worst seed) ties with it; the grid point halfway between the tie's lowest and highest
@@ -130,12 +236,14 @@ def _decide(trials: dict[float, LrTrial], best: LrTrial, centre: float) -> tuple
     by_exponent = {_exponent(t.lr): t for t in trials.values()}
     choices = [by_exponent[k] for k in middle if k in by_exponent]
     chosen = min(choices, key=lambda t: (t.median, t.lr)) if choices else best
+    rule = trials.get(centre)
+    rule_text = f"{rule.median:.4g}" if rule is not None else "not run at this horizon"
     if len(tied) == 1:
         reason = (
             f"the rule's {centre:.3g} trained best of {len(trials)} lrs"
             if chosen.lr == centre
             else f"{chosen.lr:.3g} beat every other lr in every seed (median {chosen.median:.4g}; "
-            f"the rule's {centre:.3g}: {trials[centre].median:.4g})"
+            f"the rule's {centre:.3g}: {rule_text})"
         )
     else:
         reason = (
@@ -145,6 +253,46 @@ def _decide(trials: dict[float, LrTrial], best: LrTrial, centre: float) -> tuple
             + (", the rule's own" if chosen.lr == centre else f" (the rule gave {centre:.3g})")
         )
     return chosen.lr, reason
+
+
+def _next_lr(trials: dict[float, LrTrial], gallop: dict[int, int]) -> float | None:
+    """The next grid point to run so that the tie becomes bounded, or None when it is.
+
+    Upward first (a plateau is left by a larger lr, never a smaller one): the point above the
+    tie's top when it is untried (the gap a gallop left), else, while the tie holds the highest
+    lr tried, a step of ``2^k`` grid points (``k`` the steps already taken that way), never at or
+    past the lowest lr that diverged. Then the same downward; then any grid point inside the tie
+    that a gallop skipped. ``gallop`` counts the steps taken each way.
+    """
+    exponents = {_exponent(lr): t for lr, t in trials.items()}
+    tie = _tie(trials)
+    if tie is None:  # every candidate diverged: go lower, faster each time
+        low = min(exponents)
+        step = 2 ** gallop[-1]
+        gallop[-1] += 1
+        return float(GRID_FACTOR ** (low - step))
+    _, tied = tie
+    low, high = _exponent(tied[0]), _exponent(tied[-1])
+    diverged = [k for k, t in exponents.items() if t.diverged and k > high]
+    ceiling = min(diverged) if diverged else None
+    if high + 1 not in exponents and (ceiling is None or high + 1 < ceiling):
+        if high == max(exponents):
+            step = 2 ** gallop[1]
+            gallop[1] += 1
+            target = high + step if ceiling is None else min(high + step, ceiling - 1)
+        else:
+            target = high + 1
+        return float(GRID_FACTOR**target)
+    if low - 1 not in exponents:
+        if low == min(exponents):
+            step = 2 ** gallop[-1]
+            gallop[-1] += 1
+            return float(GRID_FACTOR ** (low - step))
+        return float(GRID_FACTOR ** (low - 1))
+    gaps = [k for k in range(low + 1, high) if k not in exponents]
+    if gaps:  # a gallop landed in the tie: the points it skipped, the middle first
+        return float(GRID_FACTOR ** gaps[len(gaps) // 2])
+    return None
 
 
 def check_lr(
@@ -159,86 +307,152 @@ def check_lr(
     device: torch.device | str = "cpu",
     time_budget_seconds: float | None = None,
     on_run: Callable[[int], None] | None = None,
+    target_loss: float | None = None,
+    max_doublings: int = MAX_DOUBLINGS,
 ) -> LrCheck:
     """Train ``task`` at ``micro_batch × accumulation_steps`` for ``steps`` steps at the √2-grid
-    point nearest ``rule_lr`` and its two neighbours (``seeds`` seeds each, from ``seed``), then
-    one grid point further while the best is at an edge of what was tried (up to
-    ``MAX_EXTENSIONS`` times, never past an lr that diverged), and choose by the rule in the
-    module docstring. ``time_budget_seconds`` stops the extensions (and further candidates) once
-    spent: the result says whether the grid was ``complete``. ``on_run(runs_done)`` after each
+    point nearest ``rule_lr`` and its two neighbours (``seeds`` seeds each, from ``seed``), grow
+    the grid until the tie with the best is bounded (at most ``MAX_CANDIDATES`` lrs per horizon),
+    and with ``target_loss`` double the horizon (up to ``max_doublings`` times) while the best
+    has not reached it; then choose by the rule in the module docstring.
+
+    ``time_budget_seconds`` bounds the whole check: a longer horizon is started only when its
+    runs, timed by the ones before, fit in what is left, and the grid stops growing once it is
+    spent (the result says whether it was ``complete``). ``on_run(runs_done)`` after each
     candidate.
     """
     check_positive_float("rule_lr", rule_lr)
     check_positive_int("steps", steps)
     check_positive_int("seeds", seeds)
+    if target_loss is not None and not math.isfinite(target_loss):
+        target_loss = None
     start = time.perf_counter()
     centre = grid_point(rule_lr)
-    trials: dict[float, LrTrial] = {}
+    levels: list[tuple[int, dict[float, LrTrial]]] = []
     complete = True
+    runs = 0
+    step_seconds: list[float] = []  # seconds per training step, per candidate run
 
-    def out_of_time() -> bool:
-        return time_budget_seconds is not None and time.perf_counter() - start > time_budget_seconds
+    def left() -> float:
+        if time_budget_seconds is None:
+            return math.inf
+        return time_budget_seconds - (time.perf_counter() - start)
 
-    def run(lr: float) -> None:
+    def run(trials: dict[float, LrTrial], lr: float, horizon: int) -> None:
+        nonlocal runs
+        began = time.perf_counter()
         check = _more_seeds(
             task,
             CandidateCheck(lr, (), math.nan, None, False, ()),
             list(range(seed, seed + seeds)),
             micro_batch=micro_batch,
             accumulation_steps=accumulation_steps,
-            steps=steps,
+            steps=horizon,
             device=device,
         )
+        step_seconds.append((time.perf_counter() - began) / (seeds * horizon))
         finite = [loss for loss in check.losses if math.isfinite(loss)]
         median = math.inf if check.diverged or not finite else check.loss
-        trials[lr] = LrTrial(lr, check.losses, median, check.diverged)
+        trials[lr] = LrTrial(lr, check.losses, median, check.diverged, horizon)
+        runs += 1
         if on_run is not None:
-            on_run(len(trials))
+            on_run(runs)
 
+    def bracket(trials: dict[float, LrTrial], horizon: int) -> bool:
+        """Grow ``trials`` until the tie is bounded; False when time or the cap stopped it."""
+        gallop = {1: 0, -1: 0}
+        while True:
+            lr = _next_lr(trials, gallop)
+            if lr is None:
+                return True
+            if left() <= 0 or len(trials) >= MAX_CANDIDATES:
+                return False
+            run(trials, lr, horizon)
+
+    horizon = steps
+    first: dict[float, LrTrial] = {}
     for k in (0, 1, -1):
-        if k and out_of_time():
+        if k and left() <= 0:
             complete = False
             break
-        run(centre * GRID_FACTOR**k)
-    for _ in range(MAX_EXTENSIONS):
-        best = min(trials.values(), key=lambda t: (t.median, t.lr))
-        if not math.isfinite(best.median):
-            below = min(trials) / GRID_FACTOR  # every candidate diverged: go lower
-        elif best.lr == max(trials) and not any(t.diverged for t in trials.values()):
-            below = best.lr * GRID_FACTOR
-        elif best.lr == min(trials):
-            below = best.lr / GRID_FACTOR
-        else:
+        run(first, centre * GRID_FACTOR**k, horizon)
+    levels.append((horizon, first))
+    if complete:
+        complete = bracket(first, horizon)
+    doublings = 0
+    while complete and target_loss is not None and doublings < max_doublings:
+        trials = levels[-1][1]
+        tie = _tie(trials)
+        if tie is None or min(tie[0].losses) <= target_loss:
             break
-        if out_of_time():
-            complete = False
+        _, tied = tie
+        low, high = _exponent(tied[0]), _exponent(tied[-1])
+        again = [
+            lr
+            for lr, t in trials.items()
+            if low - 1 <= _exponent(lr) <= high + 1 and not t.diverged
+        ]
+        cost = 2 * horizon * seeds * len(again) * float(np.median(step_seconds))
+        if cost > left():
             break
-        run(below)
-    ranked = sorted(trials.values(), key=lambda t: (t.median, t.lr))
-    best = ranked[0]
-    best_lr = best.lr if math.isfinite(best.median) else None
-    if best_lr is None:
+        horizon *= 2
+        doublings += 1
+        # a diverged lr diverges again over a longer run: it still bounds the tie, unrun
+        longer = {lr: t for lr, t in trials.items() if t.diverged}
+        for lr in sorted(again):
+            run(longer, lr, horizon)
+        levels.append((horizon, longer))
+        complete = bracket(longer, horizon)
+    horizon, trials = levels[-1]
+    tie = _tie(trials)
+    if tie is None:
+        best_lr = None
         lr, reason = centre, "every candidate diverged: the rule's lr is kept, unverified"
     else:
+        best, _ = tie
+        best_lr = best.lr
         lr, reason = _decide(trials, best, centre)
-    kept = lr == centre
+        if len(levels) > 1:
+            reason += (
+                f"; at {horizon} steps, after "
+                + ", ".join(str(h) for h, _ in levels[:-1])
+                + f" left the best above the target loss {target_loss:.4g}"
+            )
+    reached = None
+    if target_loss is not None and tie is not None:
+        reached = min(tie[0].losses) <= target_loss
     return LrCheck(
         global_batch=micro_batch * accumulation_steps,
         micro_batch=micro_batch,
         accumulation_steps=accumulation_steps,
-        steps=steps,
+        steps=horizon,
         seeds=seeds,
         rule_lr=rule_lr,
         rule_grid_lr=centre,
         trials=tuple(sorted(trials.values(), key=lambda t: t.lr)),
         best_lr=best_lr,
         lr=lr,
-        kept_rule=kept,
+        kept_rule=lr == centre,
         reason=reason,
         split="val" if task.val_data is not None else "train",
         seconds=time.perf_counter() - start,
         complete=complete,
+        horizons=tuple(h for h, _ in levels),
+        earlier=tuple(
+            t for _, level in levels[:-1] for t in sorted(level.values(), key=lambda t: t.lr)
+        ),
+        target_loss=target_loss,
+        reached=reached,
     )
 
 
-__all__ = ["GRID_FACTOR", "LrCheck", "LrTrial", "check_lr", "grid_point", "with_adam_scaling"]
+__all__ = [
+    "GRID_FACTOR",
+    "BetasCheck",
+    "LrCheck",
+    "LrTrial",
+    "check_betas",
+    "check_lr",
+    "grid_point",
+    "with_adam_scaling",
+]

@@ -31,6 +31,7 @@ the all-reduced gradient the big one (``noise.finish_step(batch_size=local_batch
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -904,8 +905,20 @@ class NoiseScaleResult:
     plan_quantity: PlanQuantity = "noise scale at the end of the window"
     precision: str = "32"
 
+    @property
+    def window_loss(self) -> float | None:
+        """The progress signal where the window ends: the median of its last three points up to
+        the window's end (one low point of a noisy signal does not set it), or None without a
+        progress signal."""
+        points = [loss for step, loss in self.progress if step <= self.window_steps]
+        points = [loss for loss in points if math.isfinite(loss)]
+        if not points:
+            return None
+        return float(statistics.median(points[-3:]))
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["window_loss"] = self.window_loss
         data["noise_scale_interval"] = list(self.noise_scale_interval)
         data["plan_interval"] = list(self.plan_interval)
         data["history"] = [asdict(point) for point in self.history]

@@ -51,6 +51,7 @@ from batchpilot.plan._recommend import (
     advise,
     recommend,
     with_checked_lr,
+    without_rescaled_betas,
 )
 from batchpilot.plan._scaling import (
     ScalePlan,
@@ -110,4 +111,5 @@ __all__ = [
     "warmup_from_evidence",
     "warmup_steps",
     "with_checked_lr",
+    "without_rescaled_betas",
 ]

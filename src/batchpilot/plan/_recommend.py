@@ -36,7 +36,14 @@ from batchpilot.plan._split import BatchSplit
 
 Bound = Literal["memory", "throughput knee", "noise scale", "dataset size"]
 
-__all__ = ["Advice", "Recommendation", "advise", "recommend", "with_checked_lr"]
+__all__ = [
+    "Advice",
+    "Recommendation",
+    "advise",
+    "recommend",
+    "with_checked_lr",
+    "without_rescaled_betas",
+]
 
 # Below this many samples per device, BatchNorm statistics get noisy (Wu & He 2018, GroupNorm).
 BATCHNORM_MIN_PER_DEVICE = 16
@@ -301,6 +308,17 @@ def with_checked_lr(
             f"lr checked at batch {recommendation.global_batch}: {reason}.",
             _sentence(warm.reason),
         ),
+    )
+
+
+def without_rescaled_betas(recommendation: Recommendation, reason: str) -> Recommendation:
+    """``recommendation`` keeping the optimizer's own betas and eps (a check at the batch found
+    that the rescaled ones did not train better; ``reason`` says how)."""
+    return replace(
+        recommendation,
+        betas=None,
+        eps=None,
+        reasons=(*recommendation.reasons, f"Adam betas checked: {reason}."),
     )
 
 

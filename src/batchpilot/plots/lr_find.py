@@ -106,18 +106,36 @@ def _loss_limits(result: LRFinderResult) -> tuple[float, float]:
 
 def plot_lr_check(check: LrCheck, ax: Axes | None = None) -> Axes:
     """The lr check at the recommended batch: each seed's final loss per lr (dots), their median
-    (line), the rule's grid point and the chosen lr; a diverged lr is marked at the top."""
+    (line; shorter horizons the check ran first, faint), the rule's grid point and the chosen lr;
+    a diverged lr is marked at the top."""
     if ax is None:
         _, ax = plt.subplots(figsize=(7.5, 4.5))
     finite = [v for t in check.trials for v in t.losses if math.isfinite(v)]
     top = max(finite) if finite else 1.0
+    shorter = sorted({t.steps for t in check.earlier})
+    for steps in shorter:  # the shorter horizons, faint
+        level = [t for t in check.earlier if t.steps == steps and math.isfinite(t.median)]
+        ax.plot(
+            [t.lr for t in level],
+            [t.median for t in level],
+            color="tab:blue",
+            alpha=0.3,
+            linestyle=":",
+            marker=".",
+            label=f"median after {steps} steps",
+        )
     for trial in check.trials:
         values = [v for v in trial.losses if math.isfinite(v)]
         ax.scatter([trial.lr] * len(values), values, color="0.5", s=14, zorder=2)
         if trial.diverged:
             ax.scatter([trial.lr], [top], marker="x", color="tab:red", s=40, zorder=3)
     steady = [t for t in check.trials if math.isfinite(t.median)]
-    ax.plot([t.lr for t in steady], [t.median for t in steady], color="tab:blue", label="median")
+    ax.plot(
+        [t.lr for t in steady],
+        [t.median for t in steady],
+        color="tab:blue",
+        label=f"median after {check.steps} steps",
+    )
     ax.axvline(check.rule_grid_lr, color="0.4", linestyle="--", label=f"rule {check.rule_lr:.3g}")
     ax.axvline(check.lr, color="tab:green", linewidth=2, label=f"chosen {check.lr:.3g}")
     ax.set_xscale("log")

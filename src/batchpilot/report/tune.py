@@ -7,6 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from batchpilot.jsonio import to_json
+from batchpilot.measure._lr_check import LrCheck
 from batchpilot.plots.lr_find import plot_lr_check, plot_lr_find
 from batchpilot.plots.memory import plot_memory, plot_step_time_residuals, plot_throughput
 from batchpilot.plots.noise import plot_goodput, plot_noise_history
@@ -405,7 +406,12 @@ def _settings_to_change(result: TuneResult) -> str:
             f"a linear warm-up from {rec.reference_lr:.3g} over {rec.warmup_steps} steps"
         )
     text = "Optimizer settings to change: " + "; ".join(changes) + "."
-    if rec.betas is None and result.task.optimizer.lower().startswith("adam"):
+    if result.betas_check is not None and not result.betas_check.keep_rescaled:
+        text += (
+            f" Keep the optimizer's betas and eps: at lr {result.betas_check.lr:.3g} and "
+            f"{result.betas_check.steps} steps, {result.betas_check.reason}."
+        )
+    elif rec.betas is None and result.task.optimizer.lower().startswith("adam"):
         text += (
             f" Keep the optimizer's betas and eps: the {rec.lr_rule} rule moves only the lr "
             "(beyond the batch ratio the betas allow, Malladi et al.'s rescaling does not apply)."
@@ -419,36 +425,58 @@ def _lr_check_section(result: TuneResult) -> Section:
     return Section(
         f"5. The lr checked at batch {check.global_batch}",
         paragraphs=[
-            f"Every lr below trained a fresh model for {check.steps} steps at micro-batch "
-            f"{check.micro_batch} × {check.accumulation_steps} accumulation, constant lr, no "
-            f"warm-up, {check.seeds} seed(s) each; scored by the {check.split} loss at the end "
-            f"(median over seeds). The rule gave {check.rule_lr:.4g} (grid point "
+            f"Every lr below trained a fresh model at micro-batch {check.micro_batch} × "
+            f"{check.accumulation_steps} accumulation, constant lr, no warm-up, {check.seeds} "
+            f"seed(s) each, for the steps in the table; scored by the {check.split} loss at the "
+            f"end (median over seeds). The rule gave {check.rule_lr:.4g} (grid point "
             f"{check.rule_grid_lr:.4g}); {check.reason}."
-            + ("" if check.complete else " The time budget ended the grid early."),
-            "The grid is fixed powers of √2, and the rule's point is kept unless another lr beats "
-            "it in every seed: a noisy noise scale moves the answer by one grid step at most "
-            "when it does not change the outcome of training.",
+            + ("" if check.complete else " The time budget ended the grid early.")
+            + _horizon_sentence(check),
+            "The grid is fixed powers of √2. An lr ties with the best when its median is at or "
+            "below the best's worst seed; the grid grows (in steps of ×√2, ×2, ×4, … while the "
+            "best is at its edge) until an lr outside the tie, or one that diverged, bounds it on "
+            "both sides, and the tie's centre is chosen: noise that does not change the outcome "
+            "of training does not move the answer.",
         ],
         tables=[
             Table(
-                ["lr", "median loss", "losses per seed", "diverged", ""],
+                ["steps", "lr", "median loss", "losses per seed", "diverged", ""],
                 [
                     [
+                        t.steps,
                         t.lr,
                         t.median,
                         ", ".join(f"{v:.4g}" for v in t.losses),
                         "yes" if t.diverged else "no",
                         "chosen"
-                        if t.lr == check.lr
+                        if t.lr == check.lr and t.steps == check.steps
                         else ("rule" if t.lr == check.rule_grid_lr else ""),
                     ]
-                    for t in check.trials
+                    for t in (*check.earlier, *check.trials)
                 ],
             )
         ],
         figures=[_figure(plot_lr_check, check, "Loss after the check's steps vs lr")],
         anchor="lr-check",
     )
+
+
+def _horizon_sentence(check: LrCheck) -> str:
+    """How the check's horizon was set: by the plan's prediction, or lengthened to the target."""
+    if check.target_loss is None:
+        return ""
+    if len(check.horizons) > 1:
+        text = (
+            f" The horizon doubled from {check.horizons[0]} to {check.steps} steps while the best "
+            f"lr's seeds stayed above the loss the noise window reached, {check.target_loss:.4g} "
+            "(short runs favour large lrs: Wu et al. 2018)"
+        )
+    else:
+        text = (
+            f" Its {check.steps} steps are the plan's prediction to the noise window's loss, "
+            f"{check.target_loss:.4g}"
+        )
+    return text + ("; the target was reached." if check.reached else "; it was not reached.")
 
 
 def _arithmetic(result: TuneResult) -> Section:
