@@ -254,3 +254,27 @@ def test_the_commands_measure_in_the_precision_given(capsys: pytest.CaptureFixtu
     assert code == 0 and json.loads(out)["precision"] == "bf16-mixed"
     code, out, _ = _cli(capsys, "memory", *base, "--device-memory", "64MiB")
     assert code == 0 and json.loads(out)["precision"] == "bf16-mixed"
+
+
+def test_the_tables_say_the_precision_measured_when_it_is_not_fp32(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    def tables(*args: str) -> str:
+        code, out, _ = _cli(capsys, *args, "--example", "xor4", "--format", "table")
+        assert code == 0
+        return " ".join(out.split())  # rich wraps titles: compare the words
+
+    memory = ("memory", "--device-memory", "64MiB")
+    throughput = ("throughput", "--max-micro-batch", "16", "--steps", "2")
+    half = "bf16-mixed (autocast to bfloat16)"
+    assert f"memory of a training step (tracked, cpu), measured in {half}" in tables(
+        *memory, "--mode", "tracked", "--precision", "bf16-mixed"
+    )
+    assert "autocast" not in tables(*memory, "--precision", "32")
+    scaled = tables(*throughput, "--precision", "16-mixed")
+    assert "warm-up), measured in 16-mixed (autocast to float16 + GradScaler)" in scaled
+    assert "autocast" not in tables(*throughput)
+    tune_args = ("tune", "--time-budget", "8", "--max-micro-batch", "32")
+    shown = tables(*tune_args, "--out", str(tmp_path / "half"), "--precision", "bf16-mixed")
+    assert f"precision measured {half}" in shown.replace("│", "").replace("  ", " ")
+    assert "precision measured" not in tables(*tune_args, "--out", str(tmp_path / "fp32"))

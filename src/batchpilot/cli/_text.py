@@ -17,4 +17,20 @@ def plain(value: object) -> str:
     return escape(str(value))
 
 
-__all__ = ["plain"]
+# What each precision runs (docs/precision.md): autocast, and a GradScaler for fp16.
+_PRECISION_RUNS = {
+    "bf16-mixed": "bf16-mixed (autocast to bfloat16)",
+    "16-mixed": "16-mixed (autocast to float16 + GradScaler)",
+}
+
+
+def precision_text(precision: str) -> str:
+    """The precision a table's numbers were measured in, or ``""`` for fp32 (the default).
+
+    >>> precision_text("32"), precision_text("16-mixed")
+    ('', '16-mixed (autocast to float16 + GradScaler)')
+    """
+    return "" if precision == "32" else _PRECISION_RUNS.get(precision, precision)
+
+
+__all__ = ["plain", "precision_text"]

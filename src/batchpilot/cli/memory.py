@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from batchpilot.checks import check_fraction, check_positive_int, check_run_steps
-from batchpilot.cli._text import plain
+from batchpilot.cli._text import plain, precision_text
 from batchpilot.cli.app import (
     DeviceOpt,
     ExampleOpt,
@@ -154,7 +154,11 @@ def memory_command(
 def _render_memory(
     console: Console, result: MaxBatchResult, micro_batch: int, rounding: str, data: dict[str, Any]
 ) -> None:
-    table = Table(title=f"memory of a training step ({result.mode}, {result.device})")
+    precision = precision_text(result.precision)
+    table = Table(
+        title=f"memory of a training step ({result.mode}, {result.device})"
+        + (f", measured in {precision}" if precision else "")
+    )
     # Reserved differs from the peak only where an allocator reports it (CUDA).
     reserved = any(p.reserved_bytes != p.peak_bytes for p in result.probes)
     columns = ("micro-batch", "peak", *(("reserved",) if reserved else ()), "fits", "how")
@@ -308,9 +312,10 @@ def throughput_command(
 def _render_throughput(
     console: Console, curve: ThroughputCurve, plan: AccumulationPlan | None, data: dict[str, Any]
 ) -> None:
+    precision = precision_text(curve.precision)
     table = Table(
         title=f"throughput on {curve.device} (median of {curve.timed_steps} steps after "
-        f"{curve.warmup_steps} warm-up)"
+        f"{curve.warmup_steps} warm-up)" + (f", measured in {precision}" if precision else "")
     )
     for column in ("micro-batch", "samples/s", "ms/step", ""):
         table.add_column(column, justify="right" if column else "left")

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from batchpilot.cli._text import plain
+from batchpilot.cli._text import plain, precision_text
 from batchpilot.cli.app import (
     DeviceOpt,
     ExampleOpt,
@@ -243,6 +243,8 @@ def render_tune(console: Console, result: TuneResult, report: Path) -> None:
         rows.append(("critical batch (noise scale)", f"{rec.noise_scale:,.0f}{interval}{window}"))
         rows.append(("steps to target vs minimum", f"{rec.steps_to_target_ratio:.2f}×"))
     rows.append(("batch bound by", rec.bound_by))
+    if precision_text(result.task.precision):
+        rows.append(("precision measured", precision_text(result.task.precision)))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
