@@ -209,3 +209,109 @@ def test_the_trainers_bf16_or_fp16_is_the_precision_measured(
     assert seen == {torch.bfloat16 if flag == "bf16" else torch.float16}
     assert _same(_state(trainer.model), before)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __len__(self) -> int:
+        return 96
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": int(ids[0] % 2)}
+
+
+def _bert_trainer(out: Path, **args: Any) -> tuple[Any, dict[str, int]]:
+    """A tiny BERT from a config (nothing downloaded) whose forwards are counted: the
+    embeddings run once per forward, a checkpointed encoder layer once more in each backward."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+    model = transformers.BertForSequenceClassification(config)
+    calls = {"embeddings": 0, "layer": 0}
+
+    def count(name: str) -> Any:
+        return lambda module, inputs, output: calls.__setitem__(name, calls[name] + 1)
+
+    model.bert.embeddings.register_forward_hook(count("embeddings"))
+    # a module inside the layer: the recompute calls it again (transformers may wrap the layer's
+    # own forward, whose hooks then run once)
+    model.bert.encoder.layer[0].intermediate.register_forward_hook(count("layer"))
+    arguments = transformers.TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        **args,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = transformers.Trainer(model=model, args=arguments, train_dataset=Tokens())
+    return trainer, calls
+
+
+def _checkpointing_flags(model: torch.nn.Module) -> dict[str, bool]:
+    """Each module's own switch, as transformers sets it in gradient_checkpointing_enable."""
+    return {
+        name: bool(module.gradient_checkpointing)
+        for name, module in model.named_modules()
+        if hasattr(module, "gradient_checkpointing")
+    }
+
+
+def _one_step(trainer: Any) -> None:
+    task = trainer_task(trainer)
+    model = task.make_model()
+    model.train()
+    task.compute_loss(model, next(iter(task.loader(4, shuffle=False)))).backward()
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_the_copies_train_with_the_trainers_gradient_checkpointing(
+    tmp_path: Path, checkpointed: bool
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # a deprecated alias in transformers 5
+        trainer, calls = _bert_trainer(tmp_path, gradient_checkpointing=checkpointed)
+    _one_step(trainer)
+    # checkpointed: the layer's forward is run again in the backward (its activations were not kept)
+    assert calls == {"embeddings": 1, "layer": 2 if checkpointed else 1}
+    assert not any(_checkpointing_flags(trainer.model).values())
+
+
+def test_tune_measures_checkpointed_copies_and_leaves_the_model_as_it_was(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer, calls = _bert_trainer(
+            tmp_path,
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    before, args_before = _state(trainer.model), trainer.args.to_dict()
+    flags = _checkpointing_flags(trainer.model)
+    assert flags and not any(flags.values())
+    rec = tune(trainer, **FAST)
+    assert rec.per_device_train_batch_size >= 1
+    # Every training step recomputed the layer: more layer forwards than embedding forwards.
+    assert calls["layer"] > calls["embeddings"] > 0
+    assert _same(_state(trainer.model), before) and trainer.args.to_dict() == args_before
+    assert _checkpointing_flags(trainer.model) == flags
+
+
+def test_checkpointing_a_model_that_cannot_is_refused_in_one_line(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer = _trainer(tmp_path, gradient_checkpointing=True)  # a plain torch module
+    with pytest.raises(
+        BadInputError, match=r"trainer\.args\..*gradient_checkpointing.*: True, but"
+    ):
+        trainer_task(trainer)

@@ -10,6 +10,7 @@ optimizer's class and defaults). The Trainer's model never runs: it is left bitw
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -133,9 +134,14 @@ def trainer_task(trainer: Any) -> Task:
         raise BadInputError("trainer.train_dataset: the Trainer has no train dataset")
     initial = None if trainer.model_init is not None else copy.deepcopy(trainer.model).cpu()
     built: list[weakref.ref[nn.Module]] = []  # the copies, for the optimizer factory
+    checkpointing = _checkpointing(trainer.args)
+    if checkpointing is not None and trainer.model is not None:
+        _check_checkpointable(trainer.model, checkpointing[0])
 
     def make_model() -> nn.Module:
         model = trainer.call_model_init() if initial is None else copy.deepcopy(initial)
+        if checkpointing is not None:
+            _enable_checkpointing(model, *checkpointing)
         built.append(weakref.ref(model))
         return model
 
@@ -190,6 +196,80 @@ def trainer_task(trainer: Any) -> Task:
         reference_lr=float(trainer.args.learning_rate),
         name=type(trainer.model).__name__ if trainer.model is not None else "trainer",
     )
+
+
+def _checkpointing(args: Any) -> tuple[str, dict[str, Any]] | None:
+    """``(flag name, checkpoint kwargs)`` when the arguments switch gradient checkpointing on
+    (``gradient_checkpointing``, called ``activation_checkpointing`` from transformers 5), else
+    ``None``."""
+    for flag in ("activation_checkpointing", "gradient_checkpointing"):
+        if hasattr(args, flag) and getattr(args, flag) is not None:
+            if not getattr(args, flag):
+                return None
+            kwargs = getattr(args, f"{flag}_kwargs", None) or {}
+            if not isinstance(kwargs, Mapping):
+                raise BadInputError(
+                    f"trainer.args.{flag}_kwargs: expected a dict, got {type(kwargs).__name__}"
+                )
+            return flag, dict(kwargs)
+    return None
+
+
+def _check_checkpointable(model: nn.Module, flag: str) -> None:
+    if not any(
+        callable(getattr(model, name, None))
+        for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+    ):
+        _refuse_checkpointing(
+            flag, type(model).__name__, "it has no gradient_checkpointing_enable method"
+        )
+
+
+def _refuse_checkpointing(flag: str, name: str, why: object) -> None:
+    setting = (
+        "gradient_checkpointing"
+        if flag == "gradient_checkpointing"
+        else ("activation_checkpointing (gradient_checkpointing)")
+    )
+    raise BadInputError(
+        f"trainer.args.{setting}: True, but checkpointing cannot be switched on in {name} "
+        f"({why}); the Trainer would fail the same way in train()"
+    )
+
+
+def _enable_checkpointing(model: nn.Module, flag: str, kwargs: dict[str, Any]) -> None:
+    """Switch gradient checkpointing on in a copy, as ``Trainer.train()`` does in the model it
+    trains (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost": activations are
+    recomputed in the backward instead of kept), so memory and speed are those of the run."""
+    name = type(model).__name__
+    new_api: Any = getattr(model, "activation_checkpointing_enable", None)
+    old_api: Any = getattr(model, "gradient_checkpointing_enable", None)
+    try:
+        if flag == "activation_checkpointing":  # transformers 5: its Trainer's call
+            every_n_layers = kwargs.pop("every_n_layers", 1)
+            offload = kwargs.pop("offload", False)
+            if callable(new_api):
+                new_api(
+                    activation_checkpointing_kwargs=kwargs or None,
+                    every_n_layers=every_n_layers,
+                    offload=offload,
+                )
+            elif callable(old_api):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)  # the Trainer warns in train()
+                    old_api(
+                        gradient_checkpointing_kwargs=kwargs or None,
+                        every_n_layers=every_n_layers,
+                        offload=offload,
+                    )
+            else:
+                raise AttributeError(f"{name} has no activation_checkpointing_enable")
+        elif callable(old_api):  # transformers 4
+            old_api(gradient_checkpointing_kwargs=kwargs or None)
+        else:
+            raise AttributeError(f"{name} has no gradient_checkpointing_enable")
+    except (AttributeError, ValueError, TypeError) as exc:
+        _refuse_checkpointing(flag, name, exc)
 
 
 def _loader(trainer: Any, dataset: Any, description: str) -> DataLoader[Any]:
