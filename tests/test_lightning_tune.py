@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -232,3 +236,94 @@ def test_the_trainers_precision_is_measured_and_apply_warns_about_another() -> N
     seen.clear()
     trainer.fit(module)
     assert set(seen) == {torch.bfloat16}  # the run applied is the one measured
+
+
+# Each process of `torchrun --nproc_per_node=2` runs this: it tunes (rank 1 with another cap, so
+# its own recommendation differs from rank 0's), applies and fits a 2-process DDP run (gloo).
+DDP_SCRIPT = """
+import json, os, sys
+import torch
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, TensorDataset
+from batchpilot.integrations.lightning import apply, tune
+
+torch.set_num_threads(1)
+rank = int(os.environ["RANK"])
+generator = torch.Generator().manual_seed(0)
+x = torch.randn(600, 4, generator=generator)
+data = TensorDataset(x, x @ torch.ones(4, 1) + 0.5 * torch.randn(600, 1, generator=generator))
+sizes = []
+
+
+class Regression(pl.LightningModule):
+    def __init__(self, batch_size=16, lr=0.05):
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        if self._trainer is not None:  # the DDP run, not the measurements
+            sizes.append(len(batch[0]))
+        return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+    def train_dataloader(self):
+        return DataLoader(data, batch_size=self.hparams.batch_size, shuffle=True)
+
+
+kwargs = dict(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False)
+module = Regression()
+cap = 64 if rank == 0 else 4
+result = tune(module, trainer_kwargs=kwargs, time_budget_seconds=3, max_batch=cap, seed=0)
+rec = result.recommendation
+trainer = pl.Trainer(**kwargs, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False)
+apply(result, trainer, module)
+trainer.fit(module)
+params = torch.cat([p.detach().flatten() for p in module.parameters()])
+json.dump({
+    "own": [rec.micro_batch, rec.accumulation_steps, rec.lr, rec.world_size, rec.global_batch],
+    "options_world_size": result.options.world_size,
+    "reference_batch": rec.reference_batch,
+    "trained": [trainer.train_dataloader.batch_size, trainer.accumulate_grad_batches,
+                trainer.optimizers[0].param_groups[0]["lr"], trainer.world_size],
+    "replicas": trainer.train_dataloader.sampler.num_replicas,
+    "steps": trainer.global_step,
+    "sizes": sizes,
+    "params": params.tolist(),
+}, open(sys.argv[1] + f"/rank{rank}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_recommendation_trains_as_given_in_a_two_process_ddp_run(tmp_path: Path) -> None:
+    script = tmp_path / "ddp_tune.py"
+    script.write_text(DDP_SCRIPT)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*launch, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    micro, accumulation, lr, world, global_batch = zero["own"]
+    # Tuned for the Trainer's 2 processes: global batch = per-device micro-batch × accumulation × 2,
+    # and the reference batch is the loader's 16 per process × 2.
+    assert zero["options_world_size"] == world == 2 and global_batch == micro * accumulation * 2
+    assert zero["reference_batch"] <= 32
+    assert one["own"][0] <= 4  # rank 1 measured under another cap ...
+    for rank in (zero, one):  # ... and both trained with rank 0's numbers
+        assert rank["trained"][:2] == [micro, accumulation] and rank["trained"][3] == 2
+        assert rank["trained"][2] == pytest.approx(lr) and rank["replicas"] == 2
+        # each process loads its half of the 600 samples in micro-batches, `accumulation` a step
+        batches = -(-300 // micro)
+        assert rank["steps"] == -(-batches // accumulation)
+        assert set(rank["sizes"][:-1]) <= {micro} and len(rank["sizes"]) == batches
+    assert zero["params"] == one["params"]  # DDP kept the ranks in step

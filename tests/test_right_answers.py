@@ -22,7 +22,7 @@ from batchpilot.measure import (
 )
 from batchpilot.measure._lr_check import (
     GRID_FACTOR,
-    MAX_CANDIDATES,
+    MAX_NEW_LRS,
     CandidateCheck,
     LrTrial,
     _decide,
@@ -247,7 +247,7 @@ def test_check_lr_gallops_to_an_optimum_far_from_the_rule(monkeypatch: pytest.Mo
     task = _regression_task(train=64, val=16, features=2, noise=0.1)
     checked = check_lr(task, rule_lr=0.01, micro_batch=16, steps=20, seeds=3)
     assert _exp(checked.lr) == _exp(0.64) and checked.complete
-    assert len(calls) <= MAX_CANDIDATES  # ×√2, ×2, ×4, ×16 steps, then the gap next to the best
+    assert len(calls) <= 3 + MAX_NEW_LRS  # ×√2, ×2, ×4, ×16 steps, then the gap next to the best
     exponents = sorted(_exp(t.lr) for t in checked.trials)
     assert _exp(0.64) - 1 in exponents and _exp(0.64) + 1 in exponents  # both neighbours run
     assert not checked.kept_rule and checked.best_lr == checked.lr
@@ -290,6 +290,29 @@ def test_check_lr_doubles_its_horizon_until_the_target_is_reached(
     assert short.horizons == (25,) and _exp(short.lr) == _exp(0.4)
 
 
+def test_check_lr_lengthens_a_horizon_too_short_to_tell_lrs_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a plateau left after 40/lr steps, and lrs from 2 up diverge: at 20 steps every lr that
+    # trains sits on the plateau (the tie spans the whole grid below 2); at 40 steps lr 1.41 has
+    # left it, and is the answer
+    def loss(lr: float, steps: int, seed: int) -> float:
+        if lr >= 2.0:
+            return math.inf
+        left = steps * lr > 40.0
+        return 1.0 + 0.001 * seed - (0.5 if left else 0.0)
+
+    _fake_training(monkeypatch, loss)
+    task = _regression_task(train=64, val=16, features=2, noise=0.1)
+    checked = check_lr(task, rule_lr=0.1, micro_batch=16, steps=20, seeds=3)
+    assert checked.horizons == (20, 40)
+    assert "wider than the check resolves" in checked.reason
+    assert _exp(checked.lr) == 1  # √2, off the plateau
+    # without the longer horizon the plateau's tie answers its centre, far below
+    short = check_lr(task, rule_lr=0.1, micro_batch=16, steps=20, seeds=3, max_doublings=0)
+    assert short.lr < 0.5
+
+
 def test_check_lr_starts_a_longer_horizon_only_when_it_fits_the_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -324,7 +347,7 @@ def test_a_tie_is_bounded_on_both_sides(monkeypatch: pytest.MonkeyPatch) -> None
     assert {-6, -5, -4, -3} <= exponents  # the grid points 0.125 … 0.354 inside the flat part
     assert {-7, -2} <= exponents  # and a worse lr run beyond each end (0.0884, 0.5)
     assert _exp(checked.lr) == -5  # the centre of −6 … −3: −5 or −4, the lower median (a tie): −5
-    assert len(checked.trials) <= MAX_CANDIDATES
+    assert len(checked.trials) <= 3 + MAX_NEW_LRS
 
 
 def test_check_betas_keeps_rescaled_betas_only_on_evidence(

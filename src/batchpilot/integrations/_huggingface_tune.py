@@ -98,11 +98,11 @@ def tune(trainer: Any, **tune_options: Any) -> TrainerRecommendation:
     }
     options = TuneOptions(**{**defaults, **tune_options})
     with preserved(trainer.model):
-        task = trainer_task(trainer)
+        task = trainer_task(trainer, world_size=options.world_size)
         result = tune_task(task, options)
     rec = result.recommendation
     betas = rec.betas if _is_adam(task) else None
-    return TrainerRecommendation(
+    found = TrainerRecommendation(
         per_device_train_batch_size=rec.micro_batch,
         gradient_accumulation_steps=rec.accumulation_steps,
         learning_rate=rec.lr,
@@ -112,6 +112,21 @@ def tune(trainer: Any, **tune_options: Any) -> TrainerRecommendation:
         adam_epsilon=rec.eps if betas is not None else None,
         result=result,
     )
+    return _from_rank_zero(found)
+
+
+def _from_rank_zero(found: TrainerRecommendation) -> TrainerRecommendation:
+    """Under torchrun every process measures; all of them get rank 0's recommendation, so they
+    train the same global batch (different per-device batches would leave DDP's all-reduce
+    waiting)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return found
+    shared: list[Any] = [found]
+    dist.broadcast_object_list(shared, src=0)
+    result: TrainerRecommendation = shared[0]
+    return result
 
 
 def trainer_precision(args: Any) -> Precision:
@@ -128,8 +143,14 @@ def trainer_precision(args: Any) -> Precision:
     return "bf16-mixed" if bf16 else "16-mixed" if fp16 else "32"
 
 
-def trainer_task(trainer: Any) -> Task:
-    """The :class:`~batchpilot.Task` that :func:`tune` measures for ``trainer``."""
+def trainer_task(trainer: Any, *, world_size: int | None = None) -> Task:
+    """The :class:`~batchpilot.Task` that :func:`tune` measures for ``trainer``.
+
+    Its reference batch is the global batch the Trainer's arguments train:
+    ``per_device_train_batch_size × gradient_accumulation_steps × world_size`` (the arguments'
+    world size unless given), the batch their ``learning_rate`` was chosen for.
+    """
+    world = max(1, int(trainer.args.world_size)) if world_size is None else world_size
     if trainer.train_dataset is None:
         raise BadInputError("trainer.train_dataset: the Trainer has no train dataset")
     initial = None if trainer.model_init is not None else copy.deepcopy(trainer.model).cpu()
@@ -192,7 +213,8 @@ def trainer_task(trainer: Any) -> Task:
         # The Trainer's own setting is the (batch, lr) the user trains with: the fallback when the
         # range test finds no descent.
         reference_batch=trainer.args.per_device_train_batch_size
-        * trainer.args.gradient_accumulation_steps,
+        * trainer.args.gradient_accumulation_steps
+        * world,
         reference_lr=float(trainer.args.learning_rate),
         name=type(trainer.model).__name__ if trainer.model is not None else "trainer",
     )

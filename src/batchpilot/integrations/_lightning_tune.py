@@ -10,6 +10,7 @@ optimizer, and the data are those of the datamodule's (or module's) ``train_data
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -84,16 +85,34 @@ def tune(
             "module: automatic_optimization is False; batchpilot needs training_step to return "
             "the loss (manual optimization steps the optimizer itself)"
         )
-    options = TuneOptions(**{**_from_trainer_kwargs(trainer_kwargs or {}), **tune_options})
+    kwargs = trainer_kwargs or {}
+    options = TuneOptions(**{**_from_trainer_kwargs(kwargs), **tune_options})
+    accumulation = kwargs.get("accumulate_grad_batches", 1)
+    if not isinstance(accumulation, int) or isinstance(accumulation, bool) or accumulation < 1:
+        raise BadInputError(
+            "trainer_kwargs['accumulate_grad_batches']: expected a positive integer, got "
+            f"{accumulation!r}"
+        )
     with preserved(module):
-        task = module_task(module, datamodule)
+        task = module_task(
+            module, datamodule, world_size=options.world_size, accumulation=accumulation
+        )
         return tune_task(task, options)
 
 
 def module_task(
-    module: pl.LightningModule, datamodule: pl.LightningDataModule | None = None
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule | None = None,
+    *,
+    world_size: int = 1,
+    accumulation: int = 1,
 ) -> Task:
-    """The :class:`~batchpilot.Task` that :func:`tune` measures for ``module``."""
+    """The :class:`~batchpilot.Task` that :func:`tune` measures for ``module``.
+
+    Its reference batch is the global batch you train with now: the loader's batch size ×
+    ``accumulation`` (``accumulate_grad_batches``) × ``world_size``, the batch the lr of
+    ``configure_optimizers`` was chosen for.
+    """
     if datamodule is not None:
         try:
             datamodule.prepare_data()
@@ -144,7 +163,7 @@ def module_task(
         defaults = {**template.defaults, "lr": lr}
         return type(template)(params, **defaults)
 
-    return Task.from_dataloader(
+    task = Task.from_dataloader(
         make_model,
         train_loader,
         loss,
@@ -155,6 +174,12 @@ def module_task(
         reference_lr=float(template.param_groups[0]["lr"]),
         name=type(module).__name__,
     )
+    if task.reference_batch is not None and world_size * accumulation > 1:
+        # Under DDP each process loads batch_size samples: the lr is for the global batch.
+        task = dataclasses.replace(
+            task, reference_batch=task.reference_batch * accumulation * world_size
+        )
+    return task
 
 
 def apply(
@@ -174,11 +199,14 @@ def apply(
 
     The warm-up (``result.recommendation.warmup_steps``) is left to your scheduler. A Trainer
     whose precision is not the one measured gets a warning: the micro-batch may not fit there.
+
+    Under DDP every process runs the script, so each has measured its own result; when the
+    processes have started (the callback's ``setup``), rank 0's micro-batch, accumulation and lr
+    are broadcast and set on every rank, so all train the same global batch. A Trainer whose
+    world size is not the one tuned for gets a warning: the global batch would be another.
     """
     _require_lightning()
     _warn_other_precision(result, trainer)
-    from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
-
     rec = result.recommendation
     holders = [h for h in (datamodule, module) if h is not None and _has(h, "batch_size")]
     if not holders:
@@ -188,27 +216,67 @@ def apply(
             "scale_batch_size), or build the loader with batch_size="
             f"{rec.micro_batch} yourself"
         )
-    for holder in holders:
-        _set(holder, "batch_size", rec.micro_batch)
-    trainer.accumulate_grad_batches = rec.accumulation_steps
-    for name in _LR_ATTRIBUTES:
-        if lightning_hasattr(module, name):
-            lightning_setattr(module, name, rec.lr)
-    # A second apply replaces the first one's lr.
+    setting = _Setting(rec.micro_batch, rec.accumulation_steps, rec.lr)
+    setting.set(trainer, module, holders)
+    tuned_for = getattr(rec, "world_size", None)
+    # A second apply replaces the first one's callback.
     callbacks = [c for c in trainer.callbacks if not isinstance(c, _SetLR)]  # type: ignore[attr-defined]
-    trainer.callbacks = [*callbacks, _SetLR(rec.lr)]  # type: ignore[attr-defined]
+    trainer.callbacks = [*callbacks, _SetLR(setting, tuned_for)]  # type: ignore[attr-defined]
+
+
+@dataclasses.dataclass
+class _Setting:
+    micro_batch: int
+    accumulation_steps: int
+    lr: float
+
+    def set(self, trainer: pl.Trainer, module: pl.LightningModule, holders: list[Any]) -> None:
+        from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
+
+        for holder in holders:
+            _set(holder, "batch_size", self.micro_batch)
+        trainer.accumulate_grad_batches = self.accumulation_steps
+        for name in _LR_ATTRIBUTES:
+            if lightning_hasattr(module, name):
+                lightning_setattr(module, name, self.lr)
 
 
 class _SetLR(Callback):
-    """Sets the first optimizer's lr at fit start, after ``configure_optimizers``."""
+    """Under DDP, sets rank 0's setting on every rank once the processes have started (before
+    the loaders are built); at fit start, after ``configure_optimizers``, the first optimizer's
+    lr."""
 
-    def __init__(self, lr: float) -> None:
+    def __init__(self, setting: _Setting, world_size: int | None) -> None:
         super().__init__()
-        self.lr = lr
+        self.setting = setting
+        self.world_size = world_size
+
+    @property
+    def lr(self) -> float:
+        return self.setting.lr
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.world_size is not None and self.world_size != trainer.world_size:
+            warnings.warn(
+                f"the recommendation is for world_size {self.world_size} (global batch = "
+                f"micro-batch × accumulation × {self.world_size}) but the Trainer runs "
+                f"{trainer.world_size} process(es): tune with the Trainer's devices and num_nodes "
+                "in trainer_kwargs",
+                UserWarning,
+                stacklevel=2,
+            )
+        if trainer.world_size > 1:
+            self.setting = trainer.strategy.broadcast(self.setting, src=0)
+            # the module and datamodule this process fits (copies of apply's under ddp_spawn)
+            found = (trainer.datamodule, pl_module)  # type: ignore[attr-defined]
+            holders = [h for h in found if h is not None and _has(h, "batch_size")]
+            self.setting.set(trainer, pl_module, holders)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = trainer.optimizers[0]
-        apply_lr(optimizer, self.lr, base_lr=float(optimizer.param_groups[0]["lr"]))
+        apply_lr(optimizer, self.setting.lr, base_lr=float(optimizer.param_groups[0]["lr"]))
 
 
 # --------------------------------------------------------------------------- internals

@@ -21,8 +21,9 @@ it.
 **Horizon.** Short runs favour large lrs (Wu et al. 2018, "short-horizon bias"): an lr that is
 fastest for 50 steps may stall above the loss a longer run reaches. Given the loss the run is
 meant to reach (``target_loss``, the noise-scale window's), the check doubles its horizon while
-the best candidate has not reached it, re-running the tie and the lrs that bound it, and decides
-at the longest horizon it ran.
+no seed of the best candidate has reached it, and also while the tie is wider than the grid
+resolves (``MAX_TIE_SPAN``: runs too short to tell the lrs apart, as on a plateau), re-running
+the tie and the lrs that bound it; it decides at the longest horizon it ran.
 
 **Decision.** The grid point at the centre of the final tie (of two middle points, the one with
 the lower median): a flat optimum answers its middle whatever noise ranked first, a sharp one its
@@ -49,11 +50,14 @@ from batchpilot.plan._lr_rule import lr_for_batch
 from batchpilot.task import Task
 
 GRID_FACTOR = math.sqrt(2.0)
-# The most lrs one horizon may try while bracketing the tie (three to start, then at most nine
-# more: with steps of ×√2, ×2, ×4, ×16 the grid reaches a factor 256 past its first points).
-MAX_CANDIDATES = 12
-# How many times the horizon may double while the best has not reached the target loss.
+# The most lrs one horizon may add to those it starts with while bracketing the tie: with steps
+# of ×√2, ×2, ×4, ×16 the grid reaches a factor 256 past its first points, and fills the gaps.
+MAX_NEW_LRS = 9
+# How many times the horizon may double while the best has not reached the target loss, or while
+# the tie is wider than MAX_TIE_SPAN grid points (×2 from end to end: the centre of such a tie is
+# within ×√2 of every lr in it, the resolution the grid promises).
 MAX_DOUBLINGS = 3
+MAX_TIE_SPAN = 2
 
 
 def grid_point(lr: float) -> float:
@@ -312,9 +316,10 @@ def check_lr(
 ) -> LrCheck:
     """Train ``task`` at ``micro_batch × accumulation_steps`` for ``steps`` steps at the √2-grid
     point nearest ``rule_lr`` and its two neighbours (``seeds`` seeds each, from ``seed``), grow
-    the grid until the tie with the best is bounded (at most ``MAX_CANDIDATES`` lrs per horizon),
-    and with ``target_loss`` double the horizon (up to ``max_doublings`` times) while the best
-    has not reached it; then choose by the rule in the module docstring.
+    the grid until the tie with the best is bounded (at most ``MAX_NEW_LRS`` more per horizon),
+    and double the horizon (up to ``max_doublings`` times) while no seed of the best has reached
+    ``target_loss`` or the tie spans more than ``MAX_TIE_SPAN`` grid points; then choose by the
+    rule in the module docstring.
 
     ``time_budget_seconds`` bounds the whole check: a longer horizon is started only when its
     runs, timed by the ones before, fit in what is left, and the grid stops growing once it is
@@ -359,15 +364,21 @@ def check_lr(
             on_run(runs)
 
     def bracket(trials: dict[float, LrTrial], horizon: int) -> bool:
-        """Grow ``trials`` until the tie is bounded; False when time or the cap stopped it."""
+        """Grow ``trials`` by at most ``MAX_NEW_LRS`` lrs until the tie is bounded; False when
+        time or that cap stopped it."""
         gallop = {1: 0, -1: 0}
+        cap = len(trials) + MAX_NEW_LRS
         while True:
             lr = _next_lr(trials, gallop)
             if lr is None:
                 return True
-            if left() <= 0 or len(trials) >= MAX_CANDIDATES:
+            if left() <= 0 or len(trials) >= cap:
                 return False
             run(trials, lr, horizon)
+
+    def longer_fits(trials: dict[float, LrTrial]) -> bool:
+        """Time is left for the next horizon (a tie too wide for the cap still may narrow)."""
+        return left() > 0
 
     horizon = steps
     first: dict[float, LrTrial] = {}
@@ -380,13 +391,23 @@ def check_lr(
     if complete:
         complete = bracket(first, horizon)
     doublings = 0
-    while complete and target_loss is not None and doublings < max_doublings:
+    why: list[str] = []  # why each longer horizon ran
+    while (complete or longer_fits(levels[-1][1])) and doublings < max_doublings:
         trials = levels[-1][1]
         tie = _tie(trials)
-        if tie is None or min(tie[0].losses) <= target_loss:
+        if tie is None:
             break
-        _, tied = tie
+        best, tied = tie
         low, high = _exponent(tied[0]), _exponent(tied[-1])
+        if target_loss is not None and min(best.losses) > target_loss:
+            because = f"no seed of the best lr had reached the target loss {target_loss:.4g}"
+        elif high - low > MAX_TIE_SPAN:
+            because = (
+                f"{len(tied)} lrs tied over ×{GRID_FACTOR ** (high - low):.3g}, wider than the "
+                f"check resolves (×{GRID_FACTOR**MAX_TIE_SPAN:.3g})"
+            )
+        else:
+            break
         again = [
             lr
             for lr, t in trials.items()
@@ -395,6 +416,7 @@ def check_lr(
         cost = 2 * horizon * seeds * len(again) * float(np.median(step_seconds))
         if cost > left():
             break
+        why.append(f"{horizon} steps: {because}")
         horizon *= 2
         doublings += 1
         # a diverged lr diverges again over a longer run: it still bounds the tie, unrun
@@ -412,12 +434,8 @@ def check_lr(
         best, _ = tie
         best_lr = best.lr
         lr, reason = _decide(trials, best, centre)
-        if len(levels) > 1:
-            reason += (
-                f"; at {horizon} steps, after "
-                + ", ".join(str(h) for h, _ in levels[:-1])
-                + f" left the best above the target loss {target_loss:.4g}"
-            )
+        if why:
+            reason += f" (at {horizon} steps; the horizon doubled after " + "; ".join(why) + ")"
     reached = None
     if target_loss is not None and tie is not None:
         reached = min(tie[0].losses) <= target_loss
