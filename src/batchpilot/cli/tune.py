@@ -251,9 +251,11 @@ def render_tune(console: Console, result: TuneResult, report: Path) -> None:
     for reason in rec.reasons:
         console.print(f"• {plain(reason)}")
     if result.lr_check is not None:
+        shorter = result.lr_check.horizons[:-1]
+        after = f" (after {', '.join(map(str, shorter))})" if shorter else ""
         lr_check = Table(
-            title=f"lr check: {result.lr_check.steps} steps × {result.lr_check.seeds} seed(s) "
-            f"per lr at batch {result.lr_check.global_batch}"
+            title=f"lr check: {result.lr_check.steps} steps{after} × {result.lr_check.seeds} "
+            f"seed(s) per lr at batch {result.lr_check.global_batch}"
         )
         for column in ("lr", f"median {result.lr_check.split} loss", "diverged"):
             lr_check.add_column(column, justify="right")
