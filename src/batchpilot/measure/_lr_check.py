@@ -372,7 +372,8 @@ def check_lr(
             lr = _next_lr(trials, gallop)
             if lr is None:
                 return True
-            if left() <= 0 or len(trials) >= cap:
+            one_more = seeds * horizon * float(np.median(step_seconds)) if step_seconds else 0.0
+            if left() <= one_more or len(trials) >= cap:  # a run that would end past the budget
                 return False
             run(trials, lr, horizon)
 
