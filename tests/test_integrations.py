@@ -187,23 +187,37 @@ class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return {"input_ids": ids, "labels": int(ids[0] % 2)}
 
 
-def hf_train(callback: Any, out: Path, steps: int, before: tuple[Any, ...] = ()) -> Any:
+def hf_train(
+    callback: Any,
+    out: Path,
+    steps: int,
+    before: tuple[Any, ...] = (),
+    after: tuple[Any, ...] = (),
+    **arguments: Any,
+) -> Any:
     transformers = pytest.importorskip("transformers")
     args = transformers.TrainingArguments(
         output_dir=str(out),
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=4,
-        learning_rate=5e-4,
-        lr_scheduler_type="constant",
-        logging_steps=2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
+        **{
+            "max_steps": steps,
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 4,
+            "learning_rate": 5e-4,
+            "lr_scheduler_type": "constant",
+            "logging_steps": 2,
+            "report_to": [],
+            "use_cpu": True,
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            **arguments,
+        },
     )
     trainer = transformers.Trainer(
-        model=tiny_bert(), args=args, train_dataset=Tokens(), callbacks=[*before, callback]
+        model=tiny_bert(),
+        args=args,
+        train_dataset=Tokens(),
+        eval_dataset=Tokens() if args.eval_strategy != "no" else None,
+        callbacks=[*before, callback, *after],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -252,6 +266,73 @@ def test_huggingface_callback_logs_the_noise_scale_and_applies_the_schedule_lr(
     assert trainer.lr_scheduler.get_last_lr() == pytest.approx([5e-4, 5e-4])
     assert "get_last_lr" not in vars(trainer.lr_scheduler)
     assert callback.noise is not None and callback.noise.steps == 8
+
+
+def test_huggingface_callback_logs_the_lr_applied_under_reduce_lr_on_plateau(
+    tmp_path: Path,
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    from batchpilot.integrations.huggingface import BatchpilotTrainerCallback
+
+    schedule = BatchIncrease(
+        StepDecay(every_epochs=1, gamma=0.5),
+        base_batch=16,
+        base_lr=5e-4,
+        limits=BatchLimits(dataset_size=64, max_batch=16),  # from epoch 1 (step 5): lr × 0.5
+    )
+
+    class Reporter(transformers.TrainerCallback):  # type: ignore[misc]
+        """Ahead of the callback, like TensorBoard's and W&B's: writes what it is given."""
+
+        def __init__(self) -> None:
+            self.learning_rates: list[float] = []
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                self.learning_rates.append(logs["learning_rate"])
+
+    class Applied(transformers.TrainerCallback):  # type: ignore[misc]
+        """After the callback: the lr each optimizer step runs with, and what the scheduler saw."""
+
+        def __init__(self) -> None:
+            self.lrs: dict[int, float] = {}
+            self.at_evaluation: list[float] = []
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.lrs[state.global_step + 1] = kw["optimizer"].param_groups[0]["lr"]
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.at_evaluation.append(kw["optimizer"].param_groups[0]["lr"])
+
+    reporter, applied = Reporter(), Applied()
+    callback = BatchpilotTrainerCallback(schedule=schedule, track_noise=False)
+    trainer = hf_train(
+        callback,
+        tmp_path,
+        steps=8,
+        before=(reporter,),
+        after=(applied,),
+        lr_scheduler_type="reduce_lr_on_plateau",
+        # never an improvement (a loss below best × 0): the lr halves at every evaluation
+        lr_scheduler_kwargs={"factor": 0.5, "patience": 0, "threshold": 1.0},
+        eval_strategy="steps",
+        eval_steps=2,
+    )
+    assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert [row["step"] for row in logs] == [2, 4, 6, 8]
+    # The plateau halves the scheduler's lr after the evaluations at steps 2, 4 and 6; the
+    # schedule halves what is applied from step 5: 5e-4, 2.5e-4, 1.25e-4 × 0.5, 6.25e-5 × 0.5.
+    expected = [5e-4, 2.5e-4, 6.25e-5, 3.125e-5]
+    assert [applied.lrs[step] for step in (2, 4, 6, 8)] == pytest.approx(expected)
+    assert [row["learning_rate"] for row in logs] == pytest.approx(expected)
+    assert reporter.learning_rates == pytest.approx(expected)
+    assert [row["batchpilot_lr"] for row in logs] == pytest.approx(expected)
+    assert [row["batchpilot_lr_factor"] for row in logs] == [1.0, 1.0, 0.5, 0.5]
+    # The scheduler stepped on its own lr (the factor taken off before each evaluation), and the
+    # optimizer holds that lr again once training is over: 5e-4 halved at 4 evaluations.
+    assert applied.at_evaluation == pytest.approx([5e-4, 2.5e-4, 1.25e-4, 6.25e-5])
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(3.125e-5)
 
 
 def test_huggingface_callback_applies_the_adascale_gain_of_the_trainers_batch(

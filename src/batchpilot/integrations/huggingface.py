@@ -25,7 +25,9 @@ What it does:
   ``noise_scale``, ``recommended_batch`` (the critical batch, or the batch of most goodput given a
   throughput curve), ``batchpilot_lr_factor`` and ``batchpilot_lr`` (the lr the optimizer step
   used) to the logged values and to ``trainer.state.log_history``. The Trainer's own
-  ``learning_rate`` is its scheduler's lr times the factor, so every reporter logs the lr applied. Under DDP pass ``trainer=`` so the callback can tell the
+  ``learning_rate`` is its scheduler's lr times the factor, so every reporter logs the lr applied
+  (with ``ReduceLROnPlateau``, whose optimizer lr the Trainer logs, the applied lr stays in the
+  optimizer until the step is logged, and the scheduler steps on its own lr). Under DDP pass ``trainer=`` so the callback can tell the
   synchronised micro-batch apart; it then estimates from each rank's unsynchronised micro-batches
   (``gradient_accumulation_steps ≥ 3``).
 - **schedules, where the Trainer allows**: the Trainer fixes the batch and the accumulation when
@@ -149,7 +151,8 @@ class BatchpilotTrainerCallback(TrainerCallback):
         self._handles: list[Any] = []
         self._micro = 0
         self._queued = False
-        self._saved_lrs: list[Any] | None = None
+        self._saved_lrs: list[Any] | None = None  # the scheduler's lrs while the factor is applied
+        self._scaled_optimizer: Any = None
         self._distributed = False
         self._recorded = 0
         self._scaled_scheduler: Any = None
@@ -266,10 +269,12 @@ class BatchpilotTrainerCallback(TrainerCallback):
         optimizer: torch.optim.Optimizer | None = None,
         **kwargs: Any,
     ) -> None:
+        self._restore_lrs()  # a step whose lr was still in the optimizer (its log never came)
         self.lr_factor = self._lr_factor(state)
         if optimizer is None or self.lr_factor == 1.0:
             return
         self._saved_lrs = [group["lr"] for group in optimizer.param_groups]
+        self._scaled_optimizer = optimizer
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * self.lr_factor
 
@@ -281,15 +286,32 @@ class BatchpilotTrainerCallback(TrainerCallback):
         optimizer: torch.optim.Optimizer | None = None,
         **kwargs: Any,
     ) -> None:
+        if _logs_the_optimizers_lr(kwargs.get("lr_scheduler")):
+            # The Trainer logs the optimizer's lr for these schedulers and steps them only after
+            # evaluating: the lr applied stays in the optimizer until the step is logged
+            # (on_log), evaluated (on_evaluate) or ends without a log (on_step_end).
+            return
         # Put back the Trainer scheduler's lr before it steps (chained schedulers read it).
-        if optimizer is not None and self._saved_lrs is not None:
-            for group, lr in zip(optimizer.param_groups, self._saved_lrs, strict=True):
+        self._restore_lrs()
+
+    def _restore_lrs(self) -> None:
+        """Put the scheduler's own lrs back in the optimizer the factor was applied to."""
+        optimizer, self._scaled_optimizer = self._scaled_optimizer, None
+        saved, self._saved_lrs = self._saved_lrs, None
+        if optimizer is not None and saved is not None:
+            for group, lr in zip(optimizer.param_groups, saved, strict=True):
                 group["lr"] = lr
-        self._saved_lrs = None
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._restore_lrs()  # before a ReduceLROnPlateau steps on the evaluation's metric
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if not control.should_log:
+            self._restore_lrs()  # nothing will log this step's lr
         if self.noise is None:
             return
         with warnings.catch_warnings():
@@ -310,6 +332,7 @@ class BatchpilotTrainerCallback(TrainerCallback):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
+        self._restore_lrs()  # the lr applied has been read into the logs by now
         if logs is None or "loss" not in logs:
             return  # evaluation and end-of-training summaries
         values: dict[str, float] = {"batchpilot_lr_factor": self.lr_factor}
@@ -343,6 +366,7 @@ class BatchpilotTrainerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._remove_hooks()
+        self._restore_lrs()
         self._unscale_logged_lr()
         if self.noise is not None:
             self.noise.release()
@@ -380,6 +404,19 @@ class BatchpilotTrainerCallback(TrainerCallback):
             "adaptive": None if self.adaptive is None else self.adaptive.state_dict(),
             "history": list(self.history),
         }
+
+
+def _logs_the_optimizers_lr(scheduler: Any) -> bool:
+    """Whether the Trainer logs ``optimizer.param_groups[0]["lr"]`` (not the scheduler's
+    ``get_last_lr``) as ``learning_rate``: for ``ReduceLROnPlateau`` and transformers'
+    ``GreedyLR``, which it steps on an evaluation's metric instead of after every step."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return True
+    try:
+        from transformers.optimization import GreedyLR
+    except ImportError:  # transformers before GreedyLR
+        return False
+    return isinstance(scheduler, GreedyLR)
 
 
 def _first_batch_size(args: Any, kwargs: Mapping[str, Any]) -> int:
