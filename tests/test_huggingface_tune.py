@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import warnings
@@ -315,3 +316,121 @@ def test_checkpointing_a_model_that_cannot_is_refused_in_one_line(tmp_path: Path
         BadInputError, match=r"trainer\.args\..*gradient_checkpointing.*: True, but"
     ):
         trainer_task(trainer)
+
+
+# Each process of `torchrun --nproc_per_node=2` runs this: a Trainer over a tiny BERT (from a
+# config: nothing downloaded) whose arguments make it a 2-process gloo run, tuned on both ranks
+# (rank 1 under another cap, so its own recommendation differs), then trained 2 steps with it.
+DDP_SCRIPT = """
+import dataclasses, json, os, sys, warnings
+import torch
+import transformers
+import batchpilot.integrations._huggingface_tune as hf_tune
+from batchpilot.integrations.huggingface import tune
+
+warnings.simplefilter("ignore")
+torch.set_num_threads(1)
+rank = int(os.environ["RANK"])
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __len__(self):
+        return 96
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": int(ids[0] % 2)}
+
+
+def bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=16, num_labels=2)
+    return transformers.BertForSequenceClassification(config)
+
+
+own = []  # this rank's recommendation, before rank 0's is broadcast
+broadcast = hf_tune._from_rank_zero
+hf_tune._from_rank_zero = lambda found: (own.append(found), broadcast(found))[1]
+args = transformers.TrainingArguments(
+    output_dir=sys.argv[1] + "/out", per_device_train_batch_size=8, gradient_accumulation_steps=2,
+    learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+)
+trainer = transformers.Trainer(model=bert(), args=args, train_dataset=Tokens())
+cap = 64 if rank == 0 else 2
+rec = tune(trainer, time_budget_seconds=3, max_batch=cap, seed=0)
+fields = rec.training_arguments()
+sizes = []
+model = bert()
+model.register_forward_pre_hook(
+    lambda module, a, kw: sizes.append(len(kw["input_ids"])) if module.training else None,
+    with_kwargs=True,
+)
+tuned = transformers.Trainer(
+    model=model, args=dataclasses.replace(args, **fields, max_steps=2), train_dataset=Tokens()
+)
+tuned.train()
+result = rec.result
+json.dump({
+    "args_world_size": args.world_size,
+    "own": [own[0].per_device_train_batch_size, own[0].gradient_accumulation_steps,
+            own[0].learning_rate, own[0].result.options.max_batch],
+    "received": [rec.per_device_train_batch_size, rec.gradient_accumulation_steps,
+                 rec.learning_rate, result.options.max_batch],
+    "fields": fields,
+    "world_size": result.options.world_size,
+    "global_batch": result.recommendation.global_batch,
+    "reference_batch": result.task.reference_batch,
+    "trained": [tuned.args.per_device_train_batch_size, tuned.args.gradient_accumulation_steps,
+                tuned.args.learning_rate, tuned.args.world_size, tuned.state.global_step],
+    "sizes": sizes,
+    "params": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
+}, open(sys.argv[1] + f"/rank{rank}.json", "w"))
+"""
+
+
+def _micro_batches(per_rank: int, micro: int, accumulation: int, steps: int = 2) -> list[int]:
+    """The micro-batch sizes a rank's first ``steps`` optimizer steps see: each epoch's loader
+    cuts the rank's samples into micro-batches (the last one short), ``accumulation`` a step, and
+    an epoch's last step takes what is left."""
+    epoch = [micro] * (per_rank // micro) + ([per_rank % micro] if per_rank % micro else [])
+    groups = [epoch[i : i + accumulation] for i in range(0, len(epoch), accumulation)]
+    while len(groups) < steps:
+        groups += groups
+    return [size for group in groups[:steps] for size in group]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_every_rank_of_a_torchrun_trainer_gets_rank_zeros_recommendation(tmp_path: Path) -> None:
+    script = tmp_path / "hf_ddp_tune.py"
+    script.write_text(DDP_SCRIPT)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*launch, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    micro, accumulation, lr, cap = zero["own"]
+    assert zero["received"] == zero["own"] and cap == 64
+    # Rank 1 measured under its own cap of 2 and got rank 0's recommendation instead, evidence and all.
+    assert one["own"][0] <= 2 and one["own"][3] == 2
+    assert one["received"] == zero["received"] and one["fields"] == zero["fields"]
+    for rank in (zero, one):
+        # Tuned for the Trainer's 2 processes: the reference is 8 per device × 2 accumulated × 2,
+        # and the global batch is per-device × accumulation × world size.
+        assert rank["args_world_size"] == rank["world_size"] == 2
+        assert rank["reference_batch"] == 32
+        assert rank["global_batch"] == micro * accumulation * 2
+        assert rank["fields"]["per_device_train_batch_size"] == micro
+        assert rank["fields"]["gradient_accumulation_steps"] == accumulation
+        assert rank["fields"]["learning_rate"] == lr
+        # ... and both ranks trained with it, 2 steps of their half of the samples.
+        assert rank["trained"] == [micro, accumulation, pytest.approx(lr), 2, 2]
+        assert rank["sizes"] == _micro_batches(per_rank=48, micro=micro, accumulation=accumulation)
+    assert zero["params"] == one["params"]  # DDP kept the ranks in step
