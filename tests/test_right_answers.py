@@ -354,19 +354,23 @@ def test_check_betas_keeps_rescaled_betas_only_on_evidence(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     task = _regression_task(train=64, val=16, features=2, noise=0.1)
-    rescaled = LrTrial(0.1, (1.0, 1.01, 1.02), 1.01, False, 20)
+    own = LrTrial(0.1, (1.0, 1.01, 1.02), 1.01, False, 20)  # the check's run, own betas
     check = _lr_check.LrCheck(
         global_batch=16, micro_batch=16, accumulation_steps=1, steps=20, seeds=3, rule_lr=0.1,
-        rule_grid_lr=0.1, trials=(rescaled,), best_lr=0.1, lr=0.1, kept_rule=True, reason="",
+        rule_grid_lr=0.1, trials=(own,), best_lr=0.1, lr=0.1, kept_rule=True, reason="",
         split="val", seconds=0.0, complete=True,
     )  # fmt: skip
-    _fake_training(monkeypatch, lambda lr, steps, seed: 1.5 + 0.01 * seed)  # own betas: worse
+    _fake_training(monkeypatch, lambda lr, steps, seed: 0.5 + 0.01 * seed)  # rescaled: better
     clear = check_betas(task, check)
     assert clear is not None and clear.keep_rescaled and "above every rescaled seed" in clear.reason
-    _fake_training(monkeypatch, lambda lr, steps, seed: 1.005 + 0.01 * seed)  # within the spread
+    assert clear.unchanged is own and clear.rescaled.median == pytest.approx(0.51)
+    _fake_training(monkeypatch, lambda lr, steps, seed: 1.0 + 0.005 * seed)  # within the spread
     tie = check_betas(task, check)
     assert tie is not None and not tie.keep_rescaled and "tie" in tie.reason
-    assert tie.unchanged.steps == 20 and len(tie.unchanged.losses) == 3
+    assert tie.rescaled.steps == 20 and len(tie.rescaled.losses) == 3
+    _fake_training(monkeypatch, lambda lr, steps, seed: 1.5 + 0.01 * seed)  # rescaled: worse
+    worse = check_betas(task, check)
+    assert worse is not None and not worse.keep_rescaled and "as well or better" in worse.reason
 
 
 def test_check_lr_goes_down_when_the_rule_lr_diverges() -> None:

@@ -118,7 +118,8 @@ class LrCheck:
 
 @dataclass(frozen=True)
 class BetasCheck:
-    """Adam's rescaled betas and eps against the optimizer's own, at the checked lr and horizon.
+    """Adam's rescaled betas and eps against the optimizer's own, at the lr and horizon the lr
+    check chose with the optimizer's own.
 
     The rescaled ones are kept when they train to a lower median loss and the optimizer's own do
     not tie with them (their median above the rescaled runs' worst seed): a setting the user
@@ -144,20 +145,25 @@ class BetasCheck:
 
 
 def check_betas(
-    task: Task,
+    rescaled_task: Task,
     check: LrCheck,
     *,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> BetasCheck | None:
-    """Train ``task`` (its optimizer's own betas and eps) at ``check``'s chosen lr, batch, horizon
-    and seeds, and compare with the check's run at that lr (which used the rescaled ones). None
-    when the check has no finite run at its lr."""
-    rescaled = next((t for t in check.trials if t.lr == check.lr), None)
-    if rescaled is None or not math.isfinite(rescaled.median):
+    """Train ``rescaled_task`` (the task with Adam's rescaled betas and eps,
+    :func:`with_adam_scaling`) at ``check``'s chosen lr, batch, horizon and seeds, and compare
+    with the check's run at that lr, which trained with the optimizer's own. None when the check
+    has no finite run at its lr.
+
+    The lr was chosen for the optimizer's own betas, so the comparison leans their way: the
+    rescaled ones must win clearly to be kept.
+    """
+    unchanged = next((t for t in check.trials if t.lr == check.lr), None)
+    if unchanged is None or not math.isfinite(unchanged.median):
         return None
     run = _more_seeds(
-        task,
+        rescaled_task,
         CandidateCheck(check.lr, (), math.nan, None, False, ()),
         list(range(seed, seed + check.seeds)),
         micro_batch=check.micro_batch,
@@ -167,7 +173,7 @@ def check_betas(
     )
     finite = [loss for loss in run.losses if math.isfinite(loss)]
     median = math.inf if run.diverged or not finite else run.loss
-    unchanged = LrTrial(check.lr, run.losses, median, run.diverged, check.steps)
+    rescaled = LrTrial(check.lr, run.losses, median, run.diverged, check.steps)
     keep = rescaled.median < unchanged.median and unchanged.median > max(rescaled.losses)
     if keep:
         reason = (
