@@ -416,6 +416,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        dist.barrier()  # both ranks done before either tears gloo down (else it may abort)
     finally:
         dist.destroy_process_group()
 

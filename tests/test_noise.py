@@ -344,6 +344,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
             optimizer.step()
         results["manual"] = manual.history
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # both ranks done before either tears gloo down (else it may abort)
     finally:
         dist.destroy_process_group()
 
