@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import sys
 import warnings
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from batchpilot.errors import BadInputError, BatchpilotError
+from two_ranks import run_two_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -404,18 +404,7 @@ def _micro_batches(per_rank: int, micro: int, accumulation: int, steps: int = 2)
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_every_rank_of_a_torchrun_trainer_gets_rank_zeros_recommendation(tmp_path: Path) -> None:
-    script = tmp_path / "hf_ddp_tune.py"
-    script.write_text(DDP_SCRIPT)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run(
-        [*launch, str(script), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    zero, one = run_two_ranks(DDP_SCRIPT, tmp_path)
     micro, accumulation, lr, cap = zero["own"]
     assert zero["received"] == zero["own"] and cap == 64
     # Rank 1 measured under its own cap of 2 and got rank 0's recommendation instead, evidence and all.

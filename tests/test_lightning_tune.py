@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from batchpilot.errors import BadInputError, BatchpilotError
 from batchpilot.state import capture_rng
+from two_ranks import run_two_ranks
 
 pl = pytest.importorskip("lightning.pytorch")
 
@@ -301,18 +299,7 @@ json.dump({
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_recommendation_trains_as_given_in_a_two_process_ddp_run(tmp_path: Path) -> None:
-    script = tmp_path / "ddp_tune.py"
-    script.write_text(DDP_SCRIPT)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run(
-        [*launch, str(script), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    zero, one = run_two_ranks(DDP_SCRIPT, tmp_path)
     micro, accumulation, lr, world, global_batch = zero["own"]
     # Tuned for the Trainer's 2 processes: global batch = per-device micro-batch × accumulation × 2,
     # and the reference batch is the loader's 16 per process × 2.

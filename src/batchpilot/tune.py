@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -45,6 +45,7 @@ from batchpilot.plan._recommend import (
     without_rescaled_betas,
 )
 from batchpilot.plan._split import split_batch
+from batchpilot.progress import NoProgress, PhaseProgress
 from batchpilot.summary import TaskSummary, summarize_task
 from batchpilot.task import Task
 from batchpilot.training._loop import train
@@ -98,14 +99,8 @@ class TuneIncomplete(BatchpilotError):
         self.partial = partial
 
 
-class TuneProgress(Protocol):
-    """Where ``tune`` reports progress: one bar per phase (the CLI draws them on stderr)."""
-
-    def start(self, phase: str, total: int) -> None: ...
-
-    def update(self, phase: str, completed: int) -> None: ...
-
-    def finish(self, phase: str, note: str = "") -> None: ...
+# Where ``tune`` reports progress: one bar per phase (the CLI draws them on stderr).
+TuneProgress = PhaseProgress
 
 
 @dataclass(frozen=True)
@@ -239,17 +234,6 @@ class TuneResult:
         }
 
 
-class _Quiet:
-    def start(self, phase: str, total: int) -> None:
-        pass
-
-    def update(self, phase: str, completed: int) -> None:
-        pass
-
-    def finish(self, phase: str, note: str = "") -> None:
-        pass
-
-
 def _optimizer_defaults(task: Task) -> tuple[tuple[float, float], float]:
     """The betas and eps the task's optimizer factory uses (Adam's defaults otherwise)."""
     model = torch.nn.Linear(1, 1)
@@ -280,7 +264,7 @@ def tune(
     device = torch.device(options.device)
     conditions = choose_threads(device, threads=options.threads)
     with fixed_threads(conditions.threads):
-        return _tune(task, options, progress or _Quiet(), device, conditions)
+        return _tune(task, options, progress or NoProgress(), device, conditions)
 
 
 def _tune(
