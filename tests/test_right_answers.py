@@ -266,6 +266,22 @@ def test_check_lr_leaves_a_plateau_upward(monkeypatch: pytest.MonkeyPatch) -> No
     assert abs(_exp(checked.lr) - _exp(2.0)) <= 1
 
 
+def test_a_plateau_tie_does_not_gallop_down_to_lrs_that_cannot_train(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # every lr below 4 sits on the same plateau, 4 and above diverge: the tie reaches down
+    def loss(lr: float, steps: int, seed: int) -> float:
+        return math.inf if lr >= 4.0 else 0.69 + 0.0001 * seed
+
+    calls = _fake_training(monkeypatch, loss)
+    task = _regression_task(train=64, val=16, features=2, noise=0.1)
+    checked = check_lr(task, rule_lr=0.5, micro_batch=16, steps=20, seeds=3, max_doublings=0)
+    below = [lr for lr, _ in calls if lr < 0.5]
+    # single √2 steps down, at most the cap: never below 0.5 / √2^(9 + 1)
+    assert min(below) >= 0.5 / GRID_FACTOR**10 * 0.999
+    assert checked.lr >= 0.5 / GRID_FACTOR**6 * 0.999  # the centre of a tie of ≤ 12 points
+
+
 def test_check_lr_doubles_its_horizon_until_the_target_is_reached(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

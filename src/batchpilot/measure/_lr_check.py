@@ -271,8 +271,9 @@ def _next_lr(trials: dict[float, LrTrial], gallop: dict[int, int]) -> float | No
     Upward first (a plateau is left by a larger lr, never a smaller one): the point above the
     tie's top when it is untried (the gap a gallop left), else, while the tie holds the highest
     lr tried, a step of ``2^k`` grid points (``k`` the steps already taken that way), never at or
-    past the lowest lr that diverged. Then the same downward; then any grid point inside the tie
-    that a gallop skipped. ``gallop`` counts the steps taken each way.
+    past the lowest lr that diverged. Then the same downward, where only a best that stands alone
+    gallops (a tie reaching down walks in √2 steps); then any grid point inside the tie that a
+    gallop skipped. ``gallop`` counts the steps taken each way.
     """
     exponents = {_exponent(lr): t for lr, t in trials.items()}
     tie = _tie(trials)
@@ -294,7 +295,10 @@ def _next_lr(trials: dict[float, LrTrial], gallop: dict[int, int]) -> float | No
             target = high + 1
         return float(GRID_FACTOR**target)
     if low - 1 not in exponents:
-        if low == min(exponents):
+        # Downward a gallop follows only a best that stands alone at the bottom (a rule's lr far
+        # too high); a tie reaching down is a loss that smaller lrs do not move (a plateau), and
+        # is bounded, or not, by single √2 steps: lrs too small to train must not be chosen.
+        if low == min(exponents) and len(tied) == 1:
             step = 2 ** gallop[-1]
             gallop[-1] += 1
             return float(GRID_FACTOR ** (low - step))
