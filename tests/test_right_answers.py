@@ -513,3 +513,21 @@ def test_tune_checks_adam_with_the_rescaled_betas() -> None:
     assert ("betas" in changes) == (rec.betas is not None)
     if betas is not None and not betas.keep_rescaled:
         assert "Keep the optimizer's betas and eps" in text
+
+
+def test_the_report_says_how_long_the_check_ran_and_whether_it_reached_the_target() -> None:
+    from batchpilot.report.tune import _horizon_sentence
+
+    trial = LrTrial(0.1, (1.0, 1.1, 1.2), 1.1, False, 80)
+    check = _lr_check.LrCheck(
+        global_batch=16, micro_batch=16, accumulation_steps=1, steps=80, seeds=3, rule_lr=0.1,
+        rule_grid_lr=0.1, trials=(trial,), best_lr=0.1, lr=0.1, kept_rule=True, reason="",
+        split="val", seconds=0.0, complete=True, horizons=(20, 40, 80), target_loss=0.95,
+        reached=False,
+    )  # fmt: skip
+    text = _horizon_sentence(check)
+    assert "doubled from 20 to 80 steps" in text and "0.95: not reached" in text
+    from dataclasses import replace
+
+    once = _horizon_sentence(replace(check, horizons=(80,), target_loss=None, reached=None))
+    assert once == ""

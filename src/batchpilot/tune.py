@@ -638,8 +638,9 @@ def _check(
 ) -> tuple[LrCheck, BetasCheck | None]:
     """Short runs at the recommended batch around the rule's lr (:func:`check_lr`), sized to the
     steps the plan predicts to the noise window's loss (``target_loss``, which lengthens them
-    while the best lr has not reached it) and to the time left; for Adam with rescaled betas,
-    then the optimizer's own betas at the chosen lr (:func:`check_betas`)."""
+    while the best lr has not reached it) and to the time left, with the optimizer's own betas;
+    for Adam, whose rule rescales them, then the rescaled betas at the chosen lr
+    (:func:`check_betas`)."""
     batch = min(recommendation.global_batch, task.train_size)
     split = split_batch(batch, max_micro_batch=max_micro, speed=throughput)
     reference = recommendation.reference_batch

@@ -109,11 +109,41 @@ class LrCheck:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["trials"] = [asdict(trial) | {"losses": list(trial.losses)} for trial in self.trials]
-        data["earlier"] = [asdict(trial) | {"losses": list(trial.losses)} for trial in self.earlier]
+        data["trials"] = [_trial_dict(trial) for trial in self.trials]
+        data["earlier"] = [_trial_dict(trial) for trial in self.earlier]
         data["horizons"] = list(self.horizons)
         data["stable"] = self.stable
         return data
+
+
+def _trial(
+    task: Task,
+    lr: float,
+    *,
+    seeds: range,
+    micro_batch: int,
+    accumulation_steps: int,
+    steps: int,
+    device: torch.device | str,
+) -> LrTrial:
+    """Train ``task`` at ``lr`` for ``steps`` steps, once per seed: the candidate's trial (its
+    median infinite when a seed diverged or none has a finite loss)."""
+    check = _more_seeds(
+        task,
+        CandidateCheck(lr, (), math.nan, None, False, ()),
+        list(seeds),
+        micro_batch=micro_batch,
+        accumulation_steps=accumulation_steps,
+        steps=steps,
+        device=device,
+    )
+    finite = [loss for loss in check.losses if math.isfinite(loss)]
+    median = math.inf if check.diverged or not finite else check.loss
+    return LrTrial(lr, check.losses, median, check.diverged, steps)
+
+
+def _trial_dict(trial: LrTrial) -> dict[str, Any]:
+    return asdict(trial) | {"losses": list(trial.losses)}
 
 
 @dataclass(frozen=True)
@@ -137,8 +167,8 @@ class BetasCheck:
         return {
             "lr": self.lr,
             "steps": self.steps,
-            "rescaled": asdict(self.rescaled) | {"losses": list(self.rescaled.losses)},
-            "unchanged": asdict(self.unchanged) | {"losses": list(self.unchanged.losses)},
+            "rescaled": _trial_dict(self.rescaled),
+            "unchanged": _trial_dict(self.unchanged),
             "keep_rescaled": self.keep_rescaled,
             "reason": self.reason,
         }
@@ -162,18 +192,15 @@ def check_betas(
     unchanged = next((t for t in check.trials if t.lr == check.lr), None)
     if unchanged is None or not math.isfinite(unchanged.median):
         return None
-    run = _more_seeds(
+    rescaled = _trial(
         rescaled_task,
-        CandidateCheck(check.lr, (), math.nan, None, False, ()),
-        list(range(seed, seed + check.seeds)),
+        check.lr,
+        seeds=range(seed, seed + check.seeds),
         micro_batch=check.micro_batch,
         accumulation_steps=check.accumulation_steps,
         steps=check.steps,
         device=device,
     )
-    finite = [loss for loss in run.losses if math.isfinite(loss)]
-    median = math.inf if run.diverged or not finite else run.loss
-    rescaled = LrTrial(check.lr, run.losses, median, run.diverged, check.steps)
     keep = rescaled.median < unchanged.median and unchanged.median > max(rescaled.losses)
     if keep:
         reason = (
@@ -356,19 +383,16 @@ def check_lr(
     def run(trials: dict[float, LrTrial], lr: float, horizon: int) -> None:
         nonlocal runs
         began = time.perf_counter()
-        check = _more_seeds(
+        trials[lr] = _trial(
             task,
-            CandidateCheck(lr, (), math.nan, None, False, ()),
-            list(range(seed, seed + seeds)),
+            lr,
+            seeds=range(seed, seed + seeds),
             micro_batch=micro_batch,
             accumulation_steps=accumulation_steps,
             steps=horizon,
             device=device,
         )
         step_seconds.append((time.perf_counter() - began) / (seeds * horizon))
-        finite = [loss for loss in check.losses if math.isfinite(loss)]
-        median = math.inf if check.diverged or not finite else check.loss
-        trials[lr] = LrTrial(lr, check.losses, median, check.diverged, horizon)
         runs += 1
         if on_run is not None:
             on_run(runs)
@@ -387,10 +411,6 @@ def check_lr(
                 return False
             run(trials, lr, horizon)
 
-    def longer_fits(trials: dict[float, LrTrial]) -> bool:
-        """Time is left for the next horizon (a tie too wide for the cap still may narrow)."""
-        return left() > 0
-
     horizon = steps
     first: dict[float, LrTrial] = {}
     for k in (0, 1, -1):
@@ -403,7 +423,8 @@ def check_lr(
         complete = bracket(first, horizon)
     doublings = 0
     why: list[str] = []  # why each longer horizon ran
-    while (complete or longer_fits(levels[-1][1])) and doublings < max_doublings:
+    # also after a bracket the cap stopped: a tie too wide for it may narrow at a longer horizon
+    while doublings < max_doublings:
         trials = levels[-1][1]
         tie = _tie(trials)
         if tie is None:

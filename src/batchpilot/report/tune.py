@@ -462,21 +462,19 @@ def _lr_check_section(result: TuneResult) -> Section:
 
 
 def _horizon_sentence(check: LrCheck) -> str:
-    """How the check's horizon was set: by the plan's prediction, or lengthened to the target."""
-    if check.target_loss is None:
-        return ""
+    """How long the check's runs were: the plan's prediction to the noise window's loss, and
+    whether they were lengthened (the reason says why) and reached it."""
+    text = ""
     if len(check.horizons) > 1:
         text = (
-            f" The horizon doubled from {check.horizons[0]} to {check.steps} steps while the best "
-            f"lr's seeds stayed above the loss the noise window reached, {check.target_loss:.4g} "
-            "(short runs favour large lrs: Wu et al. 2018)"
+            f" The horizon doubled from {check.horizons[0]} to {check.steps} steps (short runs "
+            "favour large lrs: Wu et al. 2018)."
         )
-    else:
-        text = (
-            f" Its {check.steps} steps are the plan's prediction to the noise window's loss, "
-            f"{check.target_loss:.4g}"
+    if check.target_loss is not None:
+        text += f" The target was the noise window's loss, {check.target_loss:.4g}: " + (
+            "reached." if check.reached else "not reached."
         )
-    return text + ("; the target was reached." if check.reached else "; it was not reached.")
+    return text
 
 
 def _arithmetic(result: TuneResult) -> Section:
