@@ -162,6 +162,22 @@ def test_lightning_callback_with_adaptive_batch_grows_at_epoch_starts() -> None:
 # ----------------------------------------------------------------------- transformers
 
 
+def lr_reporter() -> Any:
+    """A Trainer callback placed ahead of batchpilot's, like TensorBoard's and W&B's: it records
+    the ``learning_rate`` of every loss log it is given (``.learning_rates``)."""
+    transformers = pytest.importorskip("transformers")
+
+    class Reporter(transformers.TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.learning_rates: list[float] = []
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                self.learning_rates.append(logs["learning_rate"])
+
+    return Reporter()
+
+
 def tiny_bert() -> Any:
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
@@ -237,19 +253,7 @@ def test_huggingface_callback_logs_the_noise_scale_and_applies_the_schedule_lr(
         base_lr=5e-4,
         limits=BatchLimits(dataset_size=64, max_batch=16),  # the Trainer's batch: lr takes it all
     )
-    transformers = pytest.importorskip("transformers")
-
-    class Reporter(transformers.TrainerCallback):  # type: ignore[misc]
-        """Like TensorBoard's and W&B's: it comes first and writes what it is given."""
-
-        def __init__(self) -> None:
-            self.learning_rates: list[float] = []
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                self.learning_rates.append(logs["learning_rate"])
-
-    reporter = Reporter()
+    reporter = lr_reporter()
     callback = BatchpilotTrainerCallback(schedule=schedule, max_overhead=None)
     trainer = hf_train(callback, tmp_path, steps=8, before=(reporter,))
     logs = [row for row in trainer.state.log_history if "loss" in row]
@@ -281,16 +285,6 @@ def test_huggingface_callback_logs_the_lr_applied_under_reduce_lr_on_plateau(
         limits=BatchLimits(dataset_size=64, max_batch=16),  # from epoch 1 (step 5): lr × 0.5
     )
 
-    class Reporter(transformers.TrainerCallback):  # type: ignore[misc]
-        """Ahead of the callback, like TensorBoard's and W&B's: writes what it is given."""
-
-        def __init__(self) -> None:
-            self.learning_rates: list[float] = []
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                self.learning_rates.append(logs["learning_rate"])
-
     class Applied(transformers.TrainerCallback):  # type: ignore[misc]
         """After the callback: the lr each optimizer step runs with, and what the scheduler saw."""
 
@@ -304,7 +298,7 @@ def test_huggingface_callback_logs_the_lr_applied_under_reduce_lr_on_plateau(
         def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.at_evaluation.append(kw["optimizer"].param_groups[0]["lr"])
 
-    reporter, applied = Reporter(), Applied()
+    reporter, applied = lr_reporter(), Applied()
     callback = BatchpilotTrainerCallback(schedule=schedule, track_noise=False)
     trainer = hf_train(
         callback,
