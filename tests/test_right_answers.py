@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -23,7 +24,6 @@ from batchpilot.measure import (
 from batchpilot.measure._lr_check import (
     GRID_FACTOR,
     MAX_NEW_LRS,
-    CandidateCheck,
     LrTrial,
     _decide,
     check_betas,
@@ -209,22 +209,27 @@ def _fake_training(
     loss: Any,
     seconds_per_step: float = 0.0,
 ) -> list[tuple[float, int]]:
-    """Replace the check's training runs by ``loss(lr, steps, seed)`` (inf = diverged); returns
-    the (lr, steps) of every candidate run, in order."""
+    """Replace the check's training runs by ``loss(lr, steps, seed)`` (inf = diverged; a pair
+    ``(loss, steps to the target)`` for a run that follows one); returns the (lr, steps) of
+    every candidate run, in order (one entry per candidate, not per seed)."""
     calls: list[tuple[float, int]] = []
 
-    def more_seeds(task: Task, check: Any, seeds: Any, *, steps: int, **_: Any) -> Any:
-        calls.append((check.lr, steps))
+    def seed_run(
+        task: Task, lr: float, seed: int, *, steps: int, target_loss: Any, **_: Any
+    ) -> tuple[float, float]:
+        if not calls or calls[-1] != (lr, steps):
+            calls.append((lr, steps))
         if seconds_per_step:
             import time
 
-            time.sleep(seconds_per_step * steps * len(seeds))
-        losses = tuple(float(loss(check.lr, steps, s)) for s in seeds)
-        diverged = any(math.isinf(v) for v in losses)
-        median = math.inf if diverged else sorted(losses)[len(losses) // 2]
-        return CandidateCheck(check.lr, (), median, None, diverged, losses)
+            time.sleep(seconds_per_step * steps)
+        value = loss(lr, steps, seed)
+        if isinstance(value, tuple):
+            final, reached = value
+            return float(final), float(reached) if reached <= steps else math.inf
+        return float(value), math.inf
 
-    monkeypatch.setattr(_lr_check, "_more_seeds", more_seeds)
+    monkeypatch.setattr(_lr_check, "_seed_run", seed_run)
     return calls
 
 
@@ -282,25 +287,33 @@ def test_a_plateau_tie_does_not_gallop_down_to_lrs_that_cannot_train(
     assert checked.lr >= 0.5 / GRID_FACTOR**6 * 0.999  # the centre of a tie of ≤ 12 points
 
 
+def _short_horizon_bias(target: float) -> Any:
+    """Short-horizon bias: after t steps the loss is c·lr (the floor a constant lr leaves) plus
+    A/(lr·t) (the distance still to go), so the best lr at a horizon falls as √(A/(c t)) as it
+    grows; a run following ``target`` stops there, after A/(lr (target − c·lr)) steps."""
+
+    def loss(lr: float, steps: int, seed: int) -> tuple[float, float]:
+        floor, distance = 0.5 * lr + 0.001 * seed, 2.0
+        reached = distance / (lr * (target - floor)) if target > floor else math.inf
+        return (target if reached <= steps else floor + distance / (lr * steps)), reached
+
+    return loss
+
+
 def test_check_lr_doubles_its_horizon_until_the_target_is_reached(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # short-horizon bias: after t steps the loss is c·lr (the floor a constant lr leaves) plus
-    # A/(lr·t) (the distance still to go); the best lr falls as √(A/(c t)) as the horizon grows
-    def loss(lr: float, steps: int, seed: int) -> float:
-        return 0.5 * lr + 2.0 / (lr * steps) + 0.001 * seed
-
-    calls = _fake_training(monkeypatch, loss)
+    calls = _fake_training(monkeypatch, _short_horizon_bias(0.21))
     task = _regression_task(train=64, val=16, features=2, noise=0.1)
-    # at 25 steps the best (lr ≈ 0.4) reaches 0.4; at 100 steps the best (0.2) reaches 0.2
+    # at 25 steps the best (lr ≈ 0.4) reaches 0.4; no lr reaches 0.21 before ~91 steps (lr 0.21)
     checked = check_lr(task, rule_lr=0.4, micro_batch=16, steps=25, seeds=3, target_loss=0.21)
     assert checked.horizons == (25, 50, 100) and checked.steps == 100
-    assert checked.reached is True
+    assert checked.reached is True and checked.score == "steps to target"
     assert {steps for _, steps in calls} == {25, 50, 100}
-    assert _exp(checked.lr) == _exp(0.2)  # the long horizon's optimum, half the short one's
-    assert all(t.steps == 100 for t in checked.trials)
+    assert _exp(checked.lr) == _exp(0.2)  # the fewest steps to 0.21, half the short one's best
+    assert checked.steps_to_target == pytest.approx(2.0 / (0.177 * (0.21 - 0.5 * 0.177)), rel=0.02)
     assert {t.steps for t in checked.earlier} == {25, 50}
-    assert "target loss" in checked.reason
+    assert "target loss" in checked.reason and "steps to the target" in checked.reason
     # without a target the first horizon decides
     short = check_lr(task, rule_lr=0.4, micro_batch=16, steps=25, seeds=3)
     assert short.horizons == (25,) and _exp(short.lr) == _exp(0.4)
@@ -332,10 +345,8 @@ def test_check_lr_lengthens_a_horizon_too_short_to_tell_lrs_apart(
 def test_check_lr_starts_a_longer_horizon_only_when_it_fits_the_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def loss(lr: float, steps: int, seed: int) -> float:
-        return 0.5 * lr + 2.0 / (lr * steps) + 0.001 * seed
-
-    _fake_training(monkeypatch, loss, seconds_per_step=2e-4)  # 3 seeds × 25 steps: 15 ms a run
+    # 3 seeds × 25 steps: 15 ms a run
+    _fake_training(monkeypatch, _short_horizon_bias(0.21), seconds_per_step=2e-4)
     task = _regression_task(train=64, val=16, features=2, noise=0.1)
     checked = check_lr(
         task,
@@ -531,3 +542,142 @@ def test_the_report_says_how_long_the_check_ran_and_whether_it_reached_the_targe
 
     once = _horizon_sentence(replace(check, horizons=(80,), target_loss=None, reached=None))
     assert once == ""
+
+
+def test_a_run_following_a_target_stops_there_and_counts_its_steps() -> None:
+    from batchpilot.training import train
+
+    task = _regression_task(train=256, val=128, features=4, noise=0.1)
+    free = train(task, micro_batch=32, lr=0.05, steps=200, seed=0, progress=True)
+    assert free.steps == 200 and free.progress[0][0] == 1
+    steps = [s for s, _ in free.progress]
+    assert steps[:10] == list(range(1, 11)) and steps[-1] <= 200
+    assert all(b - a <= max(1, int(0.1 * a)) for a, b in pairwise(steps))  # ~10 % apart
+    target = free.progress[len(free.progress) // 2][1]  # a loss the run reached half-way
+    stopped = train(task, micro_batch=32, lr=0.05, steps=200, seed=0, target_loss=target)
+    first = next(s for s, v in free.progress if v <= target)
+    assert stopped.steps == first < 200  # the same seed stops at the first point at the target
+    assert stopped.final is not None  # evaluated where it stopped
+    assert first - 0.1 * first - 1 <= stopped.steps_to_target <= first
+    never = train(task, micro_batch=32, lr=0.05, steps=30, seed=0, target_loss=-1.0)
+    assert never.steps == 30 and math.isinf(never.steps_to_target)
+
+
+def test_steps_to_interpolates_between_the_points_either_side() -> None:
+    from batchpilot.training import steps_to
+
+    assert steps_to([(10, 1.0), (20, 0.25)], 0.5) == pytest.approx(15.0)  # halfway in log-loss
+    assert steps_to([(10, 1.0), (20, -1.0)], 0.0) == pytest.approx(15.0)  # linear below zero
+    assert steps_to([(3, 0.2)], 0.5) == 3.0
+    assert math.isinf(steps_to([(1, 1.0), (2, 0.9)], 0.5))
+
+
+@pytest.mark.parametrize("dataset_size", [None, 10_000])
+@pytest.mark.parametrize("critical", [3.0, 150.0, 2_000.0])
+def test_critical_batch_from_steps_inverts_the_predicted_steps(
+    critical: float, dataset_size: int | None
+) -> None:
+    from batchpilot.plan import critical_batch_from_steps
+
+    for small, large in ((16, 512), (32, 4096)):
+        at_large = predicted_steps(
+            1000.0,
+            from_batch=small,
+            to_batch=large,
+            critical_batch=critical,
+            dataset_size=dataset_size,
+        )
+        found = critical_batch_from_steps(
+            1000.0, at_large, small_batch=small, large_batch=large, dataset_size=dataset_size
+        )
+        assert found == pytest.approx(critical, rel=1e-9)
+
+
+def test_critical_batch_from_steps_at_the_ends() -> None:
+    from batchpilot.errors import BadInputError
+    from batchpilot.plan import StepsCriticalBatch, critical_batch_from_steps
+
+    # no steps saved by the larger batch: no critical batch; all saved in proportion: unbounded
+    assert critical_batch_from_steps(100, 120, small_batch=32, large_batch=512) == 0.0
+    assert math.isinf(critical_batch_from_steps(1600, 100, small_batch=32, large_batch=512))
+    with pytest.raises(BadInputError, match="large_batch"):
+        critical_batch_from_steps(100, 50, small_batch=64, large_batch=64)
+    # the interval spans the seeds' spread and the reference's resolution, either order
+    at_512 = predicted_steps(400, from_batch=32, to_batch=512, critical_batch=200.0)
+    up = StepsCriticalBatch.measure(
+        0.5,
+        reference=(32, 400.0),
+        reference_resolution=0.1,
+        checked=(512, at_512, (0.9 * at_512, 1.1 * at_512)),
+        dataset_size=None,
+    )
+    assert up is not None and up.critical_batch == pytest.approx(200.0)
+    assert up.interval[0] < 200.0 < up.interval[1]
+    down = StepsCriticalBatch.measure(
+        0.5,
+        reference=(512, at_512),
+        reference_resolution=0.1,
+        checked=(32, 400.0, (380, 420)),
+        dataset_size=None,
+    )
+    assert down is not None and down.critical_batch == pytest.approx(200.0)
+    assert down.interval[0] < 200.0 < down.interval[1]
+    same = StepsCriticalBatch.measure(
+        0.5,
+        reference=(32, 400.0),
+        reference_resolution=0.1,
+        checked=(32, 400.0, (1, 2)),
+        dataset_size=None,
+    )
+    assert same is None
+
+
+def test_check_lr_scores_by_steps_once_an_lr_reaches_the_target(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # every lr up to 1 ends below the target at the horizon, but lr 0.354 gets there first;
+    # by the loss at the horizon the largest lr would win (it ends lowest)
+    def loss(lr: float, steps: int, seed: int) -> tuple[float, float]:
+        if lr > 1.0:
+            return math.inf, math.inf
+        reached = 10.0 * (1 + abs(math.log2(lr / GRID_FACTOR**-3))) + seed
+        return 0.1 - lr / 10, reached
+
+    calls = _fake_training(monkeypatch, loss)
+    task = _regression_task(train=64, val=16, features=2, noise=0.1)
+    checked = check_lr(task, rule_lr=0.2, micro_batch=16, steps=40, seeds=3, target_loss=0.5)
+    assert checked.score == "steps to target" and _exp(checked.lr) == -3
+    assert checked.steps_to_target == pytest.approx(11.0)
+    assert checked.horizons == (40,) and {s for _, s in calls} == {40}
+    assert "steps to the target loss" in checked.reason
+    assert checked.to_dict()["steps_to_target"] == pytest.approx(11.0)
+
+
+def test_a_longer_horizon_reruns_only_the_lrs_that_had_not_reached_the_target(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # by grid exponent e (lr = √2^e): e = −3 reaches the target in 30 and 31 steps, but its third
+    # seed needs 60; e = −2 and −1 in 33–38 (every seed within the 40-step horizon); e ≥ 0 in
+    # 50 + 10 e; e < −3 in hundreds; lrs above 2 diverge. The best's third seed has not reached
+    # the target at 40 steps, so the horizon doubles once; −2 and −1 are not run again.
+    def loss(lr: float, steps: int, seed: int) -> tuple[float, float]:
+        e = _exp(lr)
+        if lr > 2.0:
+            return math.inf, math.inf
+        if e == -3:
+            return 0.4, (30.0, 31.0, 60.0)[seed]
+        if e in (-2, -1):
+            return 0.4, 33.0 + 3 * (e + 2) + seed
+        return 0.4, 50.0 + 10 * e if e >= 0 else 100.0 / lr
+
+    calls = _fake_training(monkeypatch, loss)
+    task = _regression_task(train=64, val=16, features=2, noise=0.1)
+    checked = check_lr(task, rule_lr=0.4, micro_batch=16, steps=40, seeds=3, target_loss=0.5)
+    assert checked.horizons == (40, 80)
+    assert "a seed of the best lr had not reached the target loss" in checked.reason
+    rerun = sorted(_exp(lr) for lr, steps in calls if steps == 80)
+    kept = sorted(_exp(t.lr) for t in checked.trials if t.steps == 40)
+    assert kept == [-2, -1]  # every seed reached at 40 steps: the same runs, kept
+    assert -3 in rerun and not set(rerun) & set(kept)
+    # at 80 steps −3's worst seed (60) bounds a tie from −3 to 1 (60 steps): its centre, −1
+    assert _exp(checked.lr) == -1 and checked.score == "steps to target"

@@ -35,20 +35,22 @@ from batchpilot.measure._lr_check import (
 )
 from batchpilot.measure._lr_range import LRFinderResult, find_lr, stability_edge
 from batchpilot.measure._memory_search import MaxBatchResult, find_max_batch
-from batchpilot.measure._noise import NoiseScaleResult, measure_noise_scale
+from batchpilot.measure._noise import WINDOW_SPACING, NoiseScaleResult, measure_noise_scale
 from batchpilot.measure._throughput import ThroughputCurve, measure_throughput
+from batchpilot.plan._goodput import StepsCriticalBatch
 from batchpilot.plan._lr_rule import lr_for_batch
 from batchpilot.plan._recommend import (
     Recommendation,
     recommend,
     with_checked_lr,
+    with_measured_critical_batch,
     without_rescaled_betas,
 )
 from batchpilot.plan._split import split_batch
 from batchpilot.progress import NoProgress, PhaseProgress
 from batchpilot.summary import TaskSummary, summarize_task
 from batchpilot.task import Task
-from batchpilot.training._loop import train
+from batchpilot.training._loop import steps_to, train
 
 PHASES = (
     "memory",
@@ -208,6 +210,7 @@ class TuneResult:
     lr_check: LrCheck | None = None
     reference_check: LrCheck | None = None
     betas_check: BetasCheck | None = None
+    critical_batch: StepsCriticalBatch | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     conditions: MeasurementConditions | None = None
@@ -228,6 +231,9 @@ class TuneResult:
             if self.reference_check is None
             else self.reference_check.to_dict(),
             "betas_check": None if self.betas_check is None else self.betas_check.to_dict(),
+            "critical_batch": None
+            if self.critical_batch is None
+            else self.critical_batch.to_dict(),
             "phase_seconds": dict(self.phase_seconds),
             "notes": list(self.notes),
             "conditions": None if self.conditions is None else self.conditions.to_dict(),
@@ -507,9 +513,9 @@ def _tune(
 
     bar.start("recommendation", 1)
     betas, eps = _optimizer_defaults(task)
-    recommendation: Recommendation = timed(
-        "recommendation",
-        lambda: recommend(
+
+    def plan(noise_scale: float | None, interval: tuple[float, float] | None) -> Recommendation:
+        return recommend(
             train_size=task.train_size,
             max_micro_batch=max_micro,
             reference_batch=reference_batch,
@@ -525,15 +531,23 @@ def _tune(
             has_batchnorm=summary.has_batchnorm,
             noise_lr=None if noise is None else noise.lr,
             max_global_batch=options.max_batch * options.world_size if options.max_batch else None,
-            noise_interval=None if noise is None or noise_scale is None else noise.plan_interval,
+            noise_interval=interval,
             window_steps=None if noise is None else noise.window_steps,
             stable_lr=edge,
+        )
+
+    recommendation: Recommendation = timed(
+        "recommendation",
+        lambda: plan(
+            noise_scale,
+            None if noise is None or noise_scale is None else noise.plan_interval,
         ),
     )
     bar.finish("recommendation", f"batch {recommendation.global_batch}, lr {recommendation.lr:.3g}")
 
     lr_checked: LrCheck | None = None
     betas_checked: BetasCheck | None = None
+    steps_critical: StepsCriticalBatch | None = None
     if options.check_lr:
         plain_step = seconds["lr range test"] / max(lr_steps * lr_repeats, 1)
         check_budget = None
@@ -567,7 +581,21 @@ def _tune(
             verified_runs=lr_checked.seeds if lr_checked.stable else 0,
             stable_lr=edge,
         )
+        measured = _critical_from_steps(noise, lr_checked, reference_batch, task.train_size)
+        if measured is not None and 0 < measured.critical_batch < math.inf:
+            recommendation = with_measured_critical_batch(recommendation, measured)
+            replanned = plan(measured.critical_batch, measured.interval)
+            if replanned.global_batch != recommendation.global_batch:
+                notes.append(
+                    f"With the critical batch measured through steps at two batches "
+                    f"({measured.critical_batch:,.0f}, against the noise scale's "
+                    f"{noise_scale or math.nan:,.0f}) the goodput plan would choose global batch "
+                    f"{replanned.global_batch}, not {recommendation.global_batch}; the lr was "
+                    "checked at the latter only, which is the one recommended."
+                )
+        steps_critical = measured
         partial["recommendation"] = recommendation.to_dict()
+        partial["critical_batch"] = None if measured is None else measured.to_dict()
 
     verification = None
     if options.verify:
@@ -604,9 +632,32 @@ def _tune(
         lr_check=lr_checked,
         reference_check=reference_check,
         betas_check=betas_checked,
+        critical_batch=steps_critical,
         phase_seconds=seconds,
         notes=tuple(notes),
         conditions=conditions,
+    )
+
+
+def _critical_from_steps(
+    noise: NoiseScaleResult | None, check: LrCheck, reference_batch: int, train_size: int
+) -> StepsCriticalBatch | None:
+    """The critical batch through the steps to the noise window's loss at two batches: the
+    noise run's at the reference batch, the lr check's median at its chosen lr (when it scored
+    by steps to that loss); None when either is missing or both batches are the same."""
+    target = None if noise is None else noise.window_loss
+    at_batch = next((t for t in check.trials if t.lr == check.lr), None)
+    if noise is None or target is None or check.score != "steps to target" or at_batch is None:
+        return None
+    reached = [r for r in at_batch.reached if math.isfinite(r)]
+    if not reached:
+        return None
+    return StepsCriticalBatch.measure(
+        target,
+        reference=(reference_batch, steps_to(noise.progress, target)),
+        reference_resolution=WINDOW_SPACING / 2,
+        checked=(check.global_batch, at_batch.median_steps, (min(reached), max(reached))),
+        dataset_size=train_size,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -239,8 +240,17 @@ def render_tune(console: Console, result: TuneResult, report: Path) -> None:
         interval = ""
         if rec.noise_interval is not None:
             interval = f" ({rec.noise_interval[0]:,.0f} to {rec.noise_interval[1]:,.0f})"
-        window = "" if result.noise is None else f", over {result.noise.window_steps} steps"
-        rows.append(("critical batch (noise scale)", f"{rec.noise_scale:,.0f}{interval}{window}"))
+        if rec.critical_batch_source == "steps at two batches" and result.critical_batch:
+            measured = result.critical_batch
+            source = "critical batch (steps at two batches)"
+            window = (
+                f", steps {measured.reference_steps:.0f} at {measured.reference_batch} → "
+                f"{measured.steps:.0f} at {measured.batch}"
+            )
+        else:
+            source = "critical batch (noise scale)"
+            window = "" if result.noise is None else f", over {result.noise.window_steps} steps"
+        rows.append((source, f"{rec.noise_scale:,.0f}{interval}{window}"))
         rows.append(("steps to target vs minimum", f"{rec.steps_to_target_ratio:.2f}×"))
     rows.append(("batch bound by", rec.bound_by))
     if precision_text(result.task.precision):
@@ -257,13 +267,18 @@ def render_tune(console: Console, result: TuneResult, report: Path) -> None:
             title=f"lr check: {result.lr_check.steps} steps{after} × {result.lr_check.seeds} "
             f"seed(s) per lr at batch {result.lr_check.global_batch}"
         )
-        for column in ("lr", f"median {result.lr_check.split} loss", "diverged"):
+        by_steps = result.lr_check.score == "steps to target"
+        columns = ["lr", f"median {result.lr_check.split} loss"]
+        columns += ["median steps to target"] if by_steps else []
+        for column in (*columns, "diverged"):
             lr_check.add_column(column, justify="right")
         for trial in result.lr_check.trials:
             mark = " ← chosen" if trial.lr == result.lr_check.lr else ""
-            lr_check.add_row(
-                f"{trial.lr:.4g}{mark}", f"{trial.median:.4g}", "yes" if trial.diverged else "no"
-            )
+            cells = [f"{trial.lr:.4g}{mark}", f"{trial.median:.4g}"]
+            if by_steps:
+                steps = trial.median_steps
+                cells.append("not reached" if math.isinf(steps) else f"{steps:.4g}")
+            lr_check.add_row(*cells, "yes" if trial.diverged else "no")
         console.print(lr_check)
     for advice in rec.warnings:
         console.print(f"[yellow]warning ({advice.code}):[/yellow] {plain(advice.message)}")

@@ -7,8 +7,16 @@ neighbours (``×√2``, ``÷√2``), with a few seeds each. The grid is fixed (p
 :func:`~batchpilot.measure._lr_range.verification_candidates`), so two runs whose rule lrs differ
 a little propose the same lrs, and adjacent answers differ by at most ×1.41.
 
-**Ties.** Every lr whose median loss is at or below the best candidate's worst seed ties with the
-best: the seeds cannot tell them apart.
+**Score.** Given the loss the run is meant to reach (``target_loss``, the noise-scale window's),
+every seed stops at the first progress point at or below it and scores its steps to it (log-loss
+interpolation, :func:`~batchpilot.training.steps_to`): the question a practitioner asks is "how
+soon does this lr get there", and steps to a target do not depend on how long the check ran
+past it. Until some candidate's median reaches the target the check scores by the loss after its
+steps (validation loss, or the mean training loss over the last tenth). Without a target it
+always scores by loss.
+
+**Ties.** Every lr whose median score is at or below the best candidate's worst seed ties with
+the best: the seeds cannot tell them apart.
 
 **Bracketing.** The grid grows until the tie is bounded on both sides by an lr that is clearly
 worse (outside the tie) or diverged, the optimum interior as in a grid search done by hand
@@ -19,11 +27,12 @@ in. A loss that sits on a plateau, where every lr ties, is pushed up the grid un
 it.
 
 **Horizon.** Short runs favour large lrs (Wu et al. 2018, "short-horizon bias"): an lr that is
-fastest for 50 steps may stall above the loss a longer run reaches. Given the loss the run is
-meant to reach (``target_loss``, the noise-scale window's), the check doubles its horizon while
-no seed of the best candidate has reached it, and also while the tie is wider than the grid
-resolves (``MAX_TIE_SPAN``: runs too short to tell the lrs apart, as on a plateau), re-running
-the tie and the lrs that bound it; it decides at the longest horizon it ran.
+fastest for 50 steps may stall above the loss a longer run reaches. With a target, the check
+doubles its horizon while no candidate's median has reached it or while a seed of the best has
+not; candidates whose every seed reached it (and diverged ones) keep their result, the others
+are re-run. Without a target it doubles while the tie is wider than the grid resolves
+(``MAX_TIE_SPAN``: runs too short to tell the lrs apart, as on a plateau). It decides at the
+longest horizon it ran.
 
 **Decision.** The grid point at the centre of the final tie (of two middle points, the one with
 the lower median): a flat optimum answers its middle whatever noise ranked first, a sharp one its
@@ -39,15 +48,15 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from batchpilot.checks import check_positive_float, check_positive_int
-from batchpilot.measure._lr_range import CandidateCheck, _more_seeds
 from batchpilot.plan._lr_rule import lr_for_batch
 from batchpilot.task import Task
+from batchpilot.training._loop import train
 
 GRID_FACTOR = math.sqrt(2.0)
 # The most lrs one horizon may add to those it starts with while bracketing the tie: with steps
@@ -69,13 +78,23 @@ def grid_point(lr: float) -> float:
 @dataclass(frozen=True)
 class LrTrial:
     """One candidate lr: its loss per seed (validation loss after the run, or the mean training
-    loss over its last tenth), their median, whether a seed diverged, and the steps it trained."""
+    loss over its last tenth), their median, whether a seed diverged, the steps it was given,
+    and, with a target loss, each seed's steps to it (``reached``; infinite when a seed did not
+    get there within ``steps``)."""
 
     lr: float
     losses: tuple[float, ...]
     median: float
     diverged: bool
     steps: int = 0
+    reached: tuple[float, ...] = ()
+
+    @property
+    def median_steps(self) -> float:
+        """The median steps to the target over the seeds (infinite unless most reached it)."""
+        if self.diverged or not self.reached:
+            return math.inf
+        return float(np.median(self.reached))
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,15 @@ class LrCheck:
     earlier: tuple[LrTrial, ...] = ()
     target_loss: float | None = None
     reached: bool | None = None
+    score: Score = "loss"
+
+    @property
+    def steps_to_target(self) -> float | None:
+        """The median steps to the target loss at the chosen lr, when the check scored by them."""
+        trial = next((t for t in self.trials if t.lr == self.lr), None)
+        if self.score != "steps to target" or trial is None:
+            return None
+        return trial.median_steps
 
     @property
     def stable(self) -> bool:
@@ -113,7 +141,44 @@ class LrCheck:
         data["earlier"] = [_trial_dict(trial) for trial in self.earlier]
         data["horizons"] = list(self.horizons)
         data["stable"] = self.stable
+        data["steps_to_target"] = self.steps_to_target
         return data
+
+
+def _seed_run(
+    task: Task,
+    lr: float,
+    seed: int,
+    *,
+    micro_batch: int,
+    accumulation_steps: int,
+    steps: int,
+    device: torch.device | str,
+    target_loss: float | None,
+) -> tuple[float, float]:
+    """One training run: its loss (validation loss at its end, else the mean training loss over
+    its last tenth; infinite when it diverged) and its steps to ``target_loss`` (infinite when it
+    did not get there; the run ends once it does)."""
+    run = train(
+        task,
+        micro_batch=micro_batch,
+        accumulation_steps=accumulation_steps,
+        lr=lr,
+        steps=steps,
+        seed=seed,
+        device=device,
+        target_loss=target_loss,
+    )
+    if run.diverged:
+        return math.inf, math.inf
+    final = run.final
+    if final is not None:
+        loss = final.loss
+    else:
+        loss = float(np.mean(run.train_losses[-max(1, len(run.train_losses) // 10) :]))
+    if not math.isfinite(loss):
+        return math.inf, math.inf
+    return loss, run.steps_to_target
 
 
 def _trial(
@@ -125,25 +190,56 @@ def _trial(
     accumulation_steps: int,
     steps: int,
     device: torch.device | str,
+    target_loss: float | None = None,
 ) -> LrTrial:
-    """Train ``task`` at ``lr`` for ``steps`` steps, once per seed: the candidate's trial (its
-    median infinite when a seed diverged or none has a finite loss)."""
-    check = _more_seeds(
-        task,
-        CandidateCheck(lr, (), math.nan, None, False, ()),
-        list(seeds),
-        micro_batch=micro_batch,
-        accumulation_steps=accumulation_steps,
-        steps=steps,
-        device=device,
-    )
-    finite = [loss for loss in check.losses if math.isfinite(loss)]
-    median = math.inf if check.diverged or not finite else check.loss
-    return LrTrial(lr, check.losses, median, check.diverged, steps)
+    """Train ``task`` at ``lr`` for ``steps`` steps, once per seed (each ending early at
+    ``target_loss``): the candidate's trial (its median infinite when a seed diverged)."""
+    runs = [
+        _seed_run(
+            task,
+            lr,
+            seed,
+            micro_batch=micro_batch,
+            accumulation_steps=accumulation_steps,
+            steps=steps,
+            device=device,
+            target_loss=target_loss,
+        )
+        for seed in seeds
+    ]
+    losses = tuple(loss for loss, _ in runs)
+    diverged = any(math.isinf(loss) for loss in losses)
+    median = math.inf if diverged else float(np.median(losses))
+    reached = tuple(r for _, r in runs) if target_loss is not None else ()
+    return LrTrial(lr, losses, median, diverged, steps, reached)
 
 
 def _trial_dict(trial: LrTrial) -> dict[str, Any]:
-    return asdict(trial) | {"losses": list(trial.losses)}
+    return asdict(trial) | {
+        "losses": list(trial.losses),
+        "reached": list(trial.reached),
+        "median_steps": trial.median_steps,
+    }
+
+
+Score = Literal["loss", "steps to target"]
+
+
+def _scored(trials: dict[float, LrTrial]) -> tuple[Score, dict[float, LrTrial]]:
+    """What the check compares its lrs by, and the trials as that score sees them.
+
+    Steps to the target loss, once some lr reached it in most seeds: the fewest steps to the
+    loss the run must reach is what a grid search to a target measures (Shallue et al. 2019),
+    and unlike the loss at a horizon it does not depend on how long the check happened to run
+    (an overfitting task's best lr at a horizon falls as the horizon grows; a loss at the float
+    floor compares noise). Else the loss at the horizon. In the steps view a trial's ``losses``
+    are its seeds' steps (infinite: not reached), ``median`` their median.
+    """
+    if not any(math.isfinite(t.median_steps) for t in trials.values()):
+        return "loss", trials
+    return "steps to target", {
+        lr: replace(t, losses=t.reached, median=t.median_steps) for lr, t in trials.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -200,23 +296,31 @@ def check_betas(
         accumulation_steps=check.accumulation_steps,
         steps=check.steps,
         device=device,
+        target_loss=check.target_loss if check.score == "steps to target" else None,
     )
-    keep = rescaled.median < unchanged.median and unchanged.median > max(rescaled.losses)
+    # compared by the score the lr check decided by: steps to the target, or the loss
+    score: Score = "loss"
+    own, new = unchanged, rescaled
+    if check.score == "steps to target":
+        score, view = _scored({0.0: unchanged, 1.0: rescaled})
+        own, new = view[0.0], view[1.0]
+    what = "steps to the target loss" if score == "steps to target" else "loss"
+    keep = new.median < own.median and own.median > max(new.losses)
     if keep:
         reason = (
-            f"the rescaled betas and eps trained to median {rescaled.median:.4g} against "
-            f"{unchanged.median:.4g} with the optimizer's own (above every rescaled seed)"
+            f"the rescaled betas and eps trained to median {what} {new.median:.4g} against "
+            f"{own.median:.4g} with the optimizer's own (above every rescaled seed)"
         )
-    elif rescaled.median < unchanged.median:
+    elif new.median < own.median:
         reason = (
-            f"the optimizer's own betas and eps tie with the rescaled ones (median "
-            f"{unchanged.median:.4g} against {rescaled.median:.4g}, within the rescaled seeds' "
+            f"the optimizer's own betas and eps tie with the rescaled ones (median {what} "
+            f"{own.median:.4g} against {new.median:.4g}, within the rescaled seeds' "
             "spread): they are kept"
         )
     else:
         reason = (
-            f"the optimizer's own betas and eps trained as well or better (median "
-            f"{unchanged.median:.4g} against {rescaled.median:.4g} rescaled): they are kept"
+            f"the optimizer's own betas and eps trained as well or better (median {what} "
+            f"{own.median:.4g} against {new.median:.4g} rescaled): they are kept"
         )
     return BetasCheck(check.lr, check.steps, rescaled, unchanged, keep, reason)
 
@@ -262,7 +366,9 @@ def _tie(trials: dict[float, LrTrial]) -> tuple[LrTrial, list[float]] | None:
     return best, sorted(t.lr for t in finite if t.median <= reach)
 
 
-def _decide(trials: dict[float, LrTrial], best: LrTrial, centre: float) -> tuple[float, str]:
+def _decide(
+    trials: dict[float, LrTrial], best: LrTrial, centre: float, score: Score = "loss"
+) -> tuple[float, str]:
     """The centre of the tie: every lr whose median is within the best's reach (at or below the
     best's worst seed) ties with it; the grid point halfway between the tie's lowest and highest
     lr is chosen (of two middle points, the one with the lower median)."""
@@ -274,19 +380,21 @@ def _decide(trials: dict[float, LrTrial], best: LrTrial, centre: float) -> tuple
     choices = [by_exponent[k] for k in middle if k in by_exponent]
     chosen = min(choices, key=lambda t: (t.median, t.lr)) if choices else best
     rule = trials.get(centre)
+    what = "steps to the target loss" if score == "steps to target" else "loss"
     rule_text = f"{rule.median:.4g}" if rule is not None else "not run at this horizon"
     if len(tied) == 1:
         reason = (
-            f"the rule's {centre:.3g} trained best of {len(trials)} lrs"
+            f"the rule's {centre:.3g} trained best of {len(trials)} lrs (median {what} "
+            f"{chosen.median:.4g})"
             if chosen.lr == centre
-            else f"{chosen.lr:.3g} beat every other lr in every seed (median {chosen.median:.4g}; "
-            f"the rule's {centre:.3g}: {rule_text})"
+            else f"{chosen.lr:.3g} beat every other lr in every seed (median {what} "
+            f"{chosen.median:.4g}; the rule's {centre:.3g}: {rule_text})"
         )
     else:
         reason = (
             f"{len(tied)} lrs from {tied[0]:.3g} to {tied[-1]:.3g} tie with the best "
-            f"{best.lr:.3g} (medians at or below its worst seed, {reach:.4g}); the tie's centre "
-            f"{chosen.lr:.3g} is chosen"
+            f"{best.lr:.3g} (median {what} at or below its worst seed's, {reach:.4g}); the "
+            f"tie's centre {chosen.lr:.3g} is chosen"
             + (", the rule's own" if chosen.lr == centre else f" (the rule gave {centre:.3g})")
         )
     return chosen.lr, reason
@@ -391,8 +499,12 @@ def check_lr(
             accumulation_steps=accumulation_steps,
             steps=horizon,
             device=device,
+            target_loss=target_loss,
         )
-        step_seconds.append((time.perf_counter() - began) / (seeds * horizon))
+        # per step actually trained (a run that reached the target stopped early)
+        trained = sum(min(r, horizon) if math.isfinite(r) else horizon for r in trials[lr].reached)
+        trained = trained or seeds * horizon
+        step_seconds.append((time.perf_counter() - began) / max(trained, 1))
         runs += 1
         if on_run is not None:
             on_run(runs)
@@ -403,7 +515,7 @@ def check_lr(
         gallop = {1: 0, -1: 0}
         cap = len(trials) + MAX_NEW_LRS
         while True:
-            lr = _next_lr(trials, gallop)
+            lr = _next_lr(_scored(trials)[1], gallop)
             if lr is None:
                 return True
             one_more = seeds * horizon * float(np.median(step_seconds)) if step_seconds else 0.0
@@ -426,24 +538,34 @@ def check_lr(
     # also after a bracket the cap stopped: a tie too wide for it may narrow at a longer horizon
     while doublings < max_doublings:
         trials = levels[-1][1]
-        tie = _tie(trials)
+        score, view = _scored(trials)
+        tie = _tie(view)
         if tie is None:
             break
         best, tied = tie
         low, high = _exponent(tied[0]), _exponent(tied[-1])
-        if target_loss is not None and min(best.losses) > target_loss:
-            because = f"no seed of the best lr had reached the target loss {target_loss:.4g}"
-        elif high - low > MAX_TIE_SPAN:
+        if target_loss is not None and score == "loss":
+            because = f"no lr had reached the target loss {target_loss:.4g} in most seeds"
+        elif target_loss is not None and not math.isfinite(max(best.losses)):
+            because = f"a seed of the best lr had not reached the target loss {target_loss:.4g}"
+        elif target_loss is None and high - low > MAX_TIE_SPAN:
             because = (
                 f"{len(tied)} lrs tied over ×{GRID_FACTOR ** (high - low):.3g}, wider than the "
                 f"check resolves (×{GRID_FACTOR**MAX_TIE_SPAN:.3g})"
             )
         else:
             break
+        # a diverged lr diverges again over a longer run, and a run that reached the target
+        # stops at the same step again (same seed, same data order): both are kept, unrun
+        longer = {
+            lr: t
+            for lr, t in trials.items()
+            if t.diverged or (t.reached and all(math.isfinite(r) for r in t.reached))
+        }
         again = [
             lr
             for lr, t in trials.items()
-            if low - 1 <= _exponent(lr) <= high + 1 and not t.diverged
+            if low - 1 <= _exponent(lr) <= high + 1 and lr not in longer
         ]
         cost = 2 * horizon * seeds * len(again) * float(np.median(step_seconds))
         if cost > left():
@@ -451,26 +573,25 @@ def check_lr(
         why.append(f"{horizon} steps: {because}")
         horizon *= 2
         doublings += 1
-        # a diverged lr diverges again over a longer run: it still bounds the tie, unrun
-        longer = {lr: t for lr, t in trials.items() if t.diverged}
         for lr in sorted(again):
             run(longer, lr, horizon)
         levels.append((horizon, longer))
         complete = bracket(longer, horizon)
     horizon, trials = levels[-1]
-    tie = _tie(trials)
+    score, view = _scored(trials)
+    tie = _tie(view)
     if tie is None:
         best_lr = None
         lr, reason = centre, "every candidate diverged: the rule's lr is kept, unverified"
     else:
         best, _ = tie
         best_lr = best.lr
-        lr, reason = _decide(trials, best, centre)
+        lr, reason = _decide(view, best, centre, score)
         if why:
             reason += f" (at {horizon} steps; the horizon doubled after " + "; ".join(why) + ")"
     reached = None
     if target_loss is not None and tie is not None:
-        reached = min(tie[0].losses) <= target_loss
+        reached = score == "steps to target" or min(tie[0].losses) <= target_loss
     return LrCheck(
         global_batch=micro_batch * accumulation_steps,
         micro_batch=micro_batch,
@@ -493,6 +614,7 @@ def check_lr(
         ),
         target_loss=target_loss,
         reached=reached,
+        score=score,
     )
 
 

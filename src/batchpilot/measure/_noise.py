@@ -57,7 +57,7 @@ from batchpilot.errors import BadInputError
 from batchpilot.precision import backward, make_scaler, optimizer_step
 from batchpilot.state import preserved_rng
 from batchpilot.task import Task
-from batchpilot.training._loop import evaluate
+from batchpilot.training._loop import PROGRESS_SAMPLES, evaluate
 from batchpilot.training._loop import micro_batches as micro_batch_source
 
 # Per-step values wait on the device and are read back in groups: one host sync per flush, not
@@ -843,7 +843,7 @@ def critical_batch_over_run(
 # every step up to step 10, then every WINDOW_SPACING of the steps so far: ~24 points per decade
 # of steps, fine enough for a task that reaches its best in 15 steps and cheap for one that needs
 # thousands.
-EVAL_SAMPLES = 512
+EVAL_SAMPLES = PROGRESS_SAMPLES  # the signal the lr check's runs follow to the window's loss
 WINDOW_SPACING = 0.2
 # The run stops early once the progress signal has clearly risen from its best (the mean of its
 # last 3 points above the best by 3 times its noise about the trend since) while the training

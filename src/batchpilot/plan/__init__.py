@@ -19,6 +19,8 @@ from batchpilot.plan._goodput import (
     TIE_SIGMAS,
     GoodputPlan,
     GoodputPoint,
+    StepsCriticalBatch,
+    critical_batch_from_steps,
     plan_goodput,
     predicted_steps,
     samples_to_target_ratio,
@@ -51,6 +53,7 @@ from batchpilot.plan._recommend import (
     advise,
     recommend,
     with_checked_lr,
+    with_measured_critical_batch,
     without_rescaled_betas,
 )
 from batchpilot.plan._scaling import (
@@ -85,11 +88,13 @@ __all__ = [
     "Rule",
     "RuleChoice",
     "ScalePlan",
+    "StepsCriticalBatch",
     "SupportsThroughput",
     "Warmup",
     "adam_kappa_limit",
     "advise",
     "check_rule",
+    "critical_batch_from_steps",
     "default_warmup_epochs",
     "divisors",
     "is_adam_family",
@@ -111,5 +116,6 @@ __all__ = [
     "warmup_from_evidence",
     "warmup_steps",
     "with_checked_lr",
+    "with_measured_critical_batch",
     "without_rescaled_betas",
 ]

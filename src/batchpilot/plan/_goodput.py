@@ -101,24 +101,134 @@ def predicted_steps(
     >>> predicted_steps(100, from_batch=10, to_batch=1000, critical_batch=10.0)
     50.5
     """
-    check = _check_batch
-
-    def noise_factor(batch: int) -> float:
-        batch = int(check("batch", batch))
-        if dataset_size is None:
-            return 1.0 / batch
-        if dataset_size <= 1 or batch >= dataset_size:
-            return 0.0
-        return (dataset_size - batch) / (batch * (dataset_size - 1))
-
     critical = _check_noise_scale(critical_batch)
     if math.isinf(critical):
         return steps * from_batch / to_batch  # pure noise: only the samples count
     return (
         steps
-        * (1.0 + critical * noise_factor(to_batch))
-        / (1.0 + critical * noise_factor(from_batch))
+        * (1.0 + critical * _noise_factor(to_batch, dataset_size))
+        / (1.0 + critical * _noise_factor(from_batch, dataset_size))
     )
+
+
+def _noise_factor(batch: int, dataset_size: int | None) -> float:
+    """``1/B``, or ``(N − B)/(B (N − 1))`` for a batch drawn from N samples without replacement."""
+    batch = int(_check_batch("batch", batch))
+    if dataset_size is None:
+        return 1.0 / batch
+    if dataset_size <= 1 or batch >= dataset_size:
+        return 0.0
+    return (dataset_size - batch) / (batch * (dataset_size - 1))
+
+
+@dataclass(frozen=True)
+class StepsCriticalBatch:
+    """The critical batch measured through two batches' steps to one loss
+    (:func:`critical_batch_from_steps`): ``reference_steps`` at ``reference_batch`` (one run,
+    read to ±``reference_resolution``, its progress signal's spacing) and ``steps``, the median
+    over seeds, at ``batch`` (``steps_range``: the seeds' fewest and most). ``interval`` spans
+    both uncertainties."""
+
+    target_loss: float
+    reference_batch: int
+    reference_steps: float
+    reference_resolution: float
+    batch: int
+    steps: float
+    steps_range: tuple[float, float]
+    critical_batch: float
+    interval: tuple[float, float]
+
+    @classmethod
+    def measure(
+        cls,
+        target_loss: float,
+        *,
+        reference: tuple[int, float],
+        reference_resolution: float,
+        checked: tuple[int, float, tuple[float, float]],
+        dataset_size: int | None,
+    ) -> StepsCriticalBatch | None:
+        """From ``reference = (batch, steps)`` and ``checked = (batch, median steps, (fewest,
+        most))``; None when they are the same batch or a count is not finite and positive."""
+        (b_ref, s_ref), (b, s, spread) = reference, checked
+        if b_ref == b or not all(math.isfinite(v) and v > 0 for v in (s_ref, s, *spread)):
+            return None
+
+        def critical(at_ref: float, at_b: float) -> float:
+            (small, s_small), (large, s_large) = sorted([(b_ref, at_ref), (b, at_b)])
+            return critical_batch_from_steps(
+                s_small, s_large, small_batch=small, large_batch=large, dataset_size=dataset_size
+            )
+
+        fewest, most = min(spread), max(spread)
+        ref_low, ref_high = s_ref * (1 - reference_resolution), s_ref * (1 + reference_resolution)
+        # B_crit grows with the steps at the smaller batch over those at the larger one
+        ends = (
+            (critical(ref_low, most), critical(ref_high, fewest))
+            if b_ref < b
+            else (critical(ref_high, fewest), critical(ref_low, most))
+        )
+        return cls(
+            target_loss,
+            b_ref,
+            s_ref,
+            reference_resolution,
+            b,
+            s,
+            (fewest, most),
+            critical(s_ref, s),
+            (min(ends), max(ends)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["steps_range"] = list(self.steps_range)
+        data["interval"] = list(self.interval)
+        return data
+
+
+def critical_batch_from_steps(
+    small_steps: float,
+    large_steps: float,
+    *,
+    small_batch: int,
+    large_batch: int,
+    dataset_size: int | None = None,
+) -> float:
+    """``B_crit`` of ``S(B) = S_min (1 + B_crit/B)`` through two measured points: ``small_steps``
+    to a loss at ``small_batch`` and ``large_steps`` to the same loss at ``large_batch`` — the
+    inverse of :func:`predicted_steps`, and what a batch-size sweep fits (Shallue et al. 2019,
+    McCandlish et al. 2018), from the two batches a tuning run trains anyway.
+
+    With ``r = S_small / S_large``: ``B_crit = (r − 1) / (f_small − r f_large)``, ``f`` the noise
+    factor ``1/B`` (finite-population with ``dataset_size``). 0 when the larger batch saved no
+    steps (``r ≤ 1``); infinite when it saved all of them in proportion (``r`` at or above the
+    batches' ratio: perfect scaling, ``B_crit`` at least the larger batch).
+
+    >>> round(critical_batch_from_steps(100, 50.5, small_batch=10, large_batch=1000), 3)
+    10.0
+    """
+    for name, value in (("small_steps", small_steps), ("large_steps", large_steps)):
+        if not (value > 0):
+            raise BadInputError(f"{name}: expected steps > 0, got {value}")
+    if not large_batch > small_batch:
+        raise BadInputError(
+            f"large_batch: expected a batch above small_batch {small_batch}, got {large_batch}"
+        )
+    if math.isinf(small_steps) or math.isinf(large_steps):
+        return math.nan
+    ratio = small_steps / large_steps
+    if ratio <= 1.0:
+        return 0.0
+    small, large = (
+        _noise_factor(small_batch, dataset_size),
+        _noise_factor(large_batch, dataset_size),
+    )
+    denominator = small - ratio * large
+    if denominator <= 0:
+        return math.inf
+    return (ratio - 1.0) / denominator
 
 
 def samples_to_target_ratio(batch: float, *, noise_scale: float) -> float:
@@ -453,6 +563,8 @@ __all__ = [
     "TIE_SIGMAS",
     "GoodputPlan",
     "GoodputPoint",
+    "StepsCriticalBatch",
+    "critical_batch_from_steps",
     "plan_goodput",
     "predicted_steps",
     "samples_to_target_ratio",

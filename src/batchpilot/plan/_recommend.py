@@ -29,7 +29,13 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from batchpilot.checks import check_positive_int, check_reduction
-from batchpilot.plan._goodput import GoodputPlan, Throughput, plan_goodput, predicted_steps
+from batchpilot.plan._goodput import (
+    GoodputPlan,
+    StepsCriticalBatch,
+    Throughput,
+    plan_goodput,
+    predicted_steps,
+)
 from batchpilot.plan._lr_rule import is_adam_family, lr_for_batch, warmup_from_evidence
 from batchpilot.plan._scaling import steps_per_epoch
 from batchpilot.plan._split import BatchSplit
@@ -92,6 +98,9 @@ class Recommendation:
     warmup_reason: str = ""
     predicted_steps: float | None = None
     noise_interval: tuple[float, float] | None = None
+    # what ``noise_scale`` is: the gradient noise scale's estimate of the critical batch, or the
+    # critical batch measured through steps to one loss at two batches (StepsCriticalBatch)
+    critical_batch_source: Literal["noise scale", "steps at two batches"] = "noise scale"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -309,6 +318,39 @@ def with_checked_lr(
             _sentence(warm.reason),
         ),
     )
+
+
+def with_measured_critical_batch(
+    recommendation: Recommendation, measured: StepsCriticalBatch
+) -> Recommendation:
+    """``recommendation`` whose critical batch is the one measured through the steps to one
+    loss at two batches (the noise run at the reference batch, the lr check at this batch):
+    a direct reading of ``S(B) = S_min (1 + B_crit/B)`` where the noise scale is a proxy for it
+    (McCandlish et al. 2018 find ``B_simple`` off ``B_crit`` when the Hessian is far from a
+    multiple of the identity). The batch and lr stay as checked; the steps at the batch are
+    the measured ones."""
+    low, high = measured.interval
+    return replace(
+        recommendation,
+        noise_scale=measured.critical_batch,
+        noise_interval=(low, high),
+        critical_batch_source="steps at two batches",
+        steps_to_target_ratio=1.0 + measured.critical_batch / recommendation.global_batch,
+        predicted_steps=measured.steps,
+        reasons=(
+            *recommendation.reasons,
+            f"Critical batch measured through the steps to loss {measured.target_loss:.4g}: "
+            f"{measured.reference_steps:.4g} at batch {measured.reference_batch}, "
+            f"{measured.steps:.4g} at batch {measured.batch} (median over seeds, "
+            f"{measured.steps_range[0]:.4g}–{measured.steps_range[1]:.4g}): B_crit ≈ "
+            f"{measured.critical_batch:.3g} ({low:.3g}–{high:.3g}), in place of the noise "
+            f"scale's {_number(recommendation.noise_scale)}.",
+        ),
+    )
+
+
+def _number(value: float | None) -> str:
+    return "unmeasured" if value is None else f"{value:.3g}"
 
 
 def without_rescaled_betas(recommendation: Recommendation, reason: str) -> Recommendation:

@@ -110,6 +110,8 @@ def plot_lr_check(check: LrCheck, ax: Axes | None = None) -> Axes:
     a diverged lr is marked at the top."""
     if ax is None:
         _, ax = plt.subplots(figsize=(7.5, 4.5))
+    if check.score == "steps to target":
+        return _plot_steps_to_target(check, ax)
     finite = [v for t in check.trials for v in t.losses if math.isfinite(v)]
     top = max(finite) if finite else 1.0
     shorter = sorted({t.steps for t in check.earlier})
@@ -136,12 +138,47 @@ def plot_lr_check(check: LrCheck, ax: Axes | None = None) -> Axes:
         color="tab:blue",
         label=f"median after {check.steps} steps",
     )
+    _mark_rule_and_choice(check, ax)
+    ax.set_ylabel(f"{check.split} loss after {check.steps} steps")
+    ax.set_title(f"lr check at batch {check.global_batch}")
+    ax.legend(loc="best", fontsize=8)
+    return ax
+
+
+def _mark_rule_and_choice(check: LrCheck, ax: Axes) -> None:
+    """The rule's grid point (dashed) and the chosen lr (green) on a log lr axis."""
     ax.axvline(check.rule_grid_lr, color="0.4", linestyle="--", label=f"rule {check.rule_lr:.3g}")
     ax.axvline(check.lr, color="tab:green", linewidth=2, label=f"chosen {check.lr:.3g}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (constant)")
-    ax.set_ylabel(f"{check.split} loss after {check.steps} steps")
-    ax.set_title(f"lr check at batch {check.global_batch}")
+
+
+def _plot_steps_to_target(check: LrCheck, ax: Axes) -> Axes:
+    """The lr check scored by steps to the target loss: each seed's steps per lr (dots; a seed
+    that did not get there within the horizon, a triangle at the top; a diverged lr, a cross),
+    their median (line), the rule's grid point and the chosen lr."""
+    finite = [v for t in check.trials for v in t.reached if math.isfinite(v)]
+    top = check.steps * 1.05 if finite else 1.0
+    for trial in check.trials:
+        values = [v for v in trial.reached if math.isfinite(v)]
+        ax.scatter([trial.lr] * len(values), values, color="0.5", s=14, zorder=2)
+        if trial.diverged:
+            ax.scatter([trial.lr], [top], marker="x", color="tab:red", s=40, zorder=3)
+        elif len(values) < len(trial.reached):
+            ax.scatter([trial.lr], [top], marker="^", color="tab:orange", s=30, zorder=3)
+    steady = [t for t in check.trials if math.isfinite(t.median_steps)]
+    ax.plot(
+        [t.lr for t in steady],
+        [t.median_steps for t in steady],
+        color="tab:blue",
+        marker=".",
+        label="median steps to the target",
+    )
+    ax.axhline(check.steps, color="0.7", linestyle=":", label=f"horizon {check.steps} steps")
+    _mark_rule_and_choice(check, ax)
+    target = "the target" if check.target_loss is None else f"{check.target_loss:.4g}"
+    ax.set_ylabel(f"steps to {check.split} loss {target}")
+    ax.set_title(f"lr check at batch {check.global_batch}: steps to the noise window's loss")
     ax.legend(loc="best", fontsize=8)
     return ax
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -227,6 +228,7 @@ def build_tune_document(result: TuneResult) -> Document:
                     f"(interval {plan_low:,.1f} to {plan_high:,.1f}), the progress-weighted noise "
                     "scale that predicts the steps to the loss the window reached, "
                     "S(B) = S_min (1 + B_crit/B) (McCandlish et al. 2018, appendix D).",
+                    _measured_critical_sentence(result),
                     *noise.warnings,
                 ],
                 figures=[
@@ -427,8 +429,15 @@ def _lr_check_section(result: TuneResult) -> Section:
         paragraphs=[
             f"Every lr below trained a fresh model at micro-batch {check.micro_batch} × "
             f"{check.accumulation_steps} accumulation, constant lr, no warm-up, {check.seeds} "
-            f"seed(s) each, for the steps in the table; scored by the {check.split} loss at the "
-            f"end (median over seeds). The rule gave {check.rule_lr:.4g} (grid point "
+            f"seed(s) each, for the steps in the table; "
+            + (
+                f"scored by the steps to the noise window's {check.split} loss "
+                f"{check.target_loss:.4g} (median over seeds; a run stops there), as a grid "
+                "search to a target scores them (Shallue et al. 2019)"
+                if check.score == "steps to target" and check.target_loss is not None
+                else f"scored by the {check.split} loss at the end (median over seeds)"
+            )
+            + f". The rule gave {check.rule_lr:.4g} (grid point "
             f"{check.rule_grid_lr:.4g}); {check.reason}."
             + ("" if check.complete else " The time budget ended the grid early.")
             + _horizon_sentence(check),
@@ -440,13 +449,23 @@ def _lr_check_section(result: TuneResult) -> Section:
         ],
         tables=[
             Table(
-                ["steps", "lr", "median loss", "losses per seed", "diverged", ""],
+                [
+                    "steps",
+                    "lr",
+                    "median loss",
+                    "losses per seed",
+                    "steps to target per seed",
+                    "diverged",
+                    "",
+                ],
                 [
                     [
                         t.steps,
                         t.lr,
                         t.median,
                         ", ".join(f"{v:.4g}" for v in t.losses),
+                        ", ".join("not reached" if math.isinf(v) else f"{v:.4g}" for v in t.reached)
+                        or "-",
                         "yes" if t.diverged else "no",
                         "chosen"
                         if t.lr == check.lr and t.steps == check.steps
@@ -456,8 +475,44 @@ def _lr_check_section(result: TuneResult) -> Section:
                 ],
             )
         ],
-        figures=[_figure(plot_lr_check, check, "Loss after the check's steps vs lr")],
+        figures=[
+            _figure(
+                plot_lr_check,
+                check,
+                "Steps to the noise window's loss vs lr"
+                if check.score == "steps to target"
+                else "Loss after the check's steps vs lr",
+            )
+        ],
         anchor="lr-check",
+    )
+
+
+def _measured_critical_sentence(result: TuneResult) -> str:
+    """The critical batch read through the steps to the window's loss at two batches, or why
+    there is none."""
+    measured = result.critical_batch
+    if measured is None:
+        return (
+            "The critical batch was not measured through steps at two batches (the lr check did "
+            "not run, ran at the reference batch, or no lr reached the window's loss): the noise "
+            "scale above stands for it."
+        )
+    low, high = measured.interval
+    value = measured.critical_batch
+    return (
+        f"Measured directly: the noise run reached loss {measured.target_loss:.4g} after "
+        f"{measured.reference_steps:.4g} steps at batch {measured.reference_batch}, the lr check "
+        f"after {measured.steps:.4g} (median; seeds {measured.steps_range[0]:.4g}–"
+        f"{measured.steps_range[1]:.4g}) at batch {measured.batch}; through S(B) = S_min (1 + "
+        f"B_crit/B) the two give B_crit ≈ {value:,.3g} (interval {low:,.3g} to {high:,.3g}, "
+        f"from the seeds' spread and ±{measured.reference_resolution:.0%} on the noise run's "
+        "reading)"
+        + (
+            ": the recommendation reports this one."
+            if math.isfinite(value) and value > 0
+            else "; not a usable value, so the noise scale stands."
+        )
     )
 
 

@@ -25,6 +25,7 @@ from batchpilot.training._loop import (
     accumulate_gradients,
     evaluate,
     micro_batches,
+    steps_to,
     train,
 )
 from batchpilot.training._pitfalls import (
@@ -143,6 +144,7 @@ __all__ = [
     "split_for",
     "split_micro_batches",
     "steps_in_epoch",
+    "steps_to",
     "train",
     "warn_pitfalls",
 ]

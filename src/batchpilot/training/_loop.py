@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,6 +35,13 @@ from batchpilot.errors import BadInputError
 from batchpilot.precision import backward, make_scaler, optimizer_step
 from batchpilot.state import preserved_rng
 from batchpilot.task import Task
+
+# The progress signal a run can follow (``train(..., progress=True)``): the loss on the first
+# PROGRESS_SAMPLES validation samples (the mean training loss since the point before, without
+# validation data), after every step up to step 10, then every PROGRESS_SPACING of the steps so
+# far (~24 points per decade of steps: steps-to-target resolved to ~10 %, interpolated between).
+PROGRESS_SAMPLES = 512
+PROGRESS_SPACING = 0.1
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,16 @@ class TrainResult:
     evaluations: tuple[tuple[int, Evaluation], ...]
     diverged: bool
     precision: str = "32"
+    progress: tuple[tuple[int, float], ...] = ()
+    target_loss: float | None = None
+
+    @property
+    def steps_to_target(self) -> float:
+        """Steps until the progress signal first reached ``target_loss`` (interpolated between
+        the points either side, :func:`steps_to`); infinite when it never did (or no target)."""
+        if self.target_loss is None:
+            return math.inf
+        return steps_to(self.progress, self.target_loss)
 
     @property
     def final(self) -> Evaluation | None:
@@ -71,7 +88,34 @@ class TrainResult:
         data = asdict(self)
         data["train_losses"] = list(self.train_losses)
         data["evaluations"] = [{"step": step, **asdict(ev)} for step, ev in self.evaluations]
+        data["progress"] = [list(point) for point in self.progress]
+        data["steps_to_target"] = self.steps_to_target
         return data
+
+
+def steps_to(progress: Sequence[tuple[int, float]], target: float) -> float:
+    """The step at which a progress signal (``(step, loss)`` points in order) first reached
+    ``target``: interpolated between the last point above it and the first at or below it
+    (in log-loss when both are positive, as a loss falls roughly exponentially between close
+    points); the first point's step when it was already there; infinite when it never got there.
+
+    >>> steps_to([(1, 1.0), (2, 0.5), (4, 0.25)], 0.3)
+    3.47
+    """
+    previous: tuple[int, float] | None = None
+    for step, loss in progress:
+        if math.isfinite(loss) and loss <= target:
+            if previous is None:
+                return float(step)
+            (before, above) = previous
+            if above > 0 and loss > 0 and target > 0:
+                share = math.log(above / target) / math.log(above / loss)
+            else:
+                share = (above - target) / (above - loss)
+            return round(before + share * (step - before), 2)
+        if math.isfinite(loss):
+            previous = (step, loss)
+    return math.inf
 
 
 def micro_batches(task: Task, micro_batch: int, *, seed: int) -> Iterator[Any]:
@@ -173,12 +217,17 @@ def train(
     eval_every: int | None = None,
     lr_schedule: Callable[[int], float] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    progress: bool = False,
+    target_loss: float | None = None,
 ) -> TrainResult:
     """Train a fresh model from ``task`` for ``steps`` optimizer steps (or ``epochs`` epochs).
 
     ``lr_schedule(step)`` multiplies ``lr`` at each step (e.g. a warm-up); ``eval_every`` adds a
     validation point every that many steps (the final step is always evaluated when the task has
     validation data). A non-finite training loss stops the run and marks it ``diverged``.
+    ``progress`` follows the progress signal (``PROGRESS_SAMPLES``, ``PROGRESS_SPACING``) into
+    ``TrainResult.progress``; a ``target_loss`` (which implies it) ends the run, evaluated, at the
+    first point at or below it (``TrainResult.steps_to_target``).
     The loss runs under the task's precision; for ``"16-mixed"`` a ``GradScaler`` scales it and
     unscales the gradients before each optimizer step (skipping a step that overflowed).
     """
@@ -213,6 +262,10 @@ def train(
         losses: list[float] = []
         evaluations: list[tuple[int, Evaluation]] = []
         diverged = False
+        follow = progress or target_loss is not None
+        points: list[tuple[int, float]] = []
+        since: list[float] = []
+        next_point = 1
         start = time.perf_counter()
         for step in range(steps):
             if lr_schedule is not None:
@@ -230,10 +283,24 @@ def train(
             if on_step is not None:
                 on_step(step, loss)
             last = step == steps - 1
+            since.append(loss)
+            if follow and step + 1 >= next_point:
+                next_point = step + 1 + max(1, int(PROGRESS_SPACING * (step + 1)))
+                signal = (
+                    evaluate(task, model, device=device, max_samples=PROGRESS_SAMPLES).loss
+                    if task.val_data is not None
+                    else sum(since) / len(since)
+                )
+                since = []
+                points.append((step + 1, signal))
+                if target_loss is not None and math.isfinite(signal) and signal <= target_loss:
+                    last = True
             if task.val_data is not None and (
                 last or (eval_every is not None and (step + 1) % eval_every == 0)
             ):
                 evaluations.append((step + 1, evaluate(task, model, device=device)))
+            if last:
+                break
         seconds = time.perf_counter() - start
     done = len(losses)
     return TrainResult(
@@ -249,6 +316,8 @@ def train(
         evaluations=tuple(evaluations),
         diverged=diverged,
         precision=task.precision,
+        progress=tuple(points),
+        target_loss=target_loss,
     )
 
 
@@ -258,5 +327,6 @@ __all__ = [
     "accumulate_gradients",
     "evaluate",
     "micro_batches",
+    "steps_to",
     "train",
 ]
