@@ -30,7 +30,9 @@ a minimum over many noisy cells, is shown too).
 
 **Goals** (PASS/FAIL per task, each holding for most of tune's seeds):
 
-* (a) tune's noise scale (``recommendation.noise_scale``) within 3× of the fitted B_crit; and,
+* (a) the critical batch tune's plan uses (``recommendation.noise_scale``: the gradient noise scale,
+  or, when ``critical_batch_source`` is "steps at two batches", the one measured from the steps
+  to the target at the reference and the checked batch) within 3× of the fitted B_crit; and,
   once over all tasks, the order of tasks by tune's noise scale (log-median over seeds) equals
   their order by fitted B_crit, a pair whose fitted B_crit are within 1.5× of each other never
   counting as an order error;
@@ -699,6 +701,8 @@ TUNE_KEYS = {
     "eps": "recommendation.eps",
     "noise_scale": "recommendation.noise_scale",
     "noise_interval": "recommendation.noise_interval",
+    "critical_batch_source": "recommendation.critical_batch_source",
+    "gradient_noise_scale": "noise.plan_noise_scale",
     "predicted_steps": "recommendation.predicted_steps",
     "window_steps": "noise.window_steps",
     "critical_batch": "noise.critical_batch",
@@ -984,7 +988,7 @@ TUNE_COLUMNS = (
     "batch",
     "lr",
     "warm-up",
-    "noise scale",
+    "plan's B_crit (source)",
     "÷ B_crit",
     "good lr at batch (±½ step)",
     "CPU s to target",
@@ -1076,7 +1080,7 @@ def tune_rows(results: Sequence[dict[str, Any]], grids: dict[str, dict[str, Any]
                     split,
                     _g(answer.get("lr")),
                     f"{warm} from {answer.get('reference_lr'):.3g}" if warm else "none",
-                    _g(noise, ".3g"),
+                    _g(noise, ".3g") + _source(answer),
                     ratio,
                     _range(v["good_lr"]) + ("" if v["good_lr_how"] == "grid batch" else " *"),
                     f"{_g(training.get('median_cpu_seconds'), '.3f')} ({reached})",
@@ -1088,6 +1092,14 @@ def tune_rows(results: Sequence[dict[str, Any]], grids: dict[str, dict[str, Any]
                 ]
             )
     return rows
+
+
+def _source(answer: dict[str, Any]) -> str:
+    """Where the plan's critical batch came from, with the gradient noise scale when the
+    critical batch was measured through the steps at two batches."""
+    if answer.get("critical_batch_source") != "steps at two batches":
+        return " (noise)"
+    return f" (2 batches; noise {_g(answer.get('gradient_noise_scale'), '.3g')})"
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
