@@ -104,6 +104,51 @@ def test_a_flat_signal_keeps_the_whole_run_as_the_window() -> None:
     assert window.end(40) == 40
 
 
+def _fast_drop_then_plateau(window: _Window, *, until: int) -> list[str | None]:
+    """A loss that drops to its best at step 6, then wanders just above it on a plateau (the
+    shape of a regression whose loss sits on a plateau before its second descent)."""
+    stops, step = [], 1
+    while step <= until:
+        value = 1.2 * math.exp(-step / 2) + 0.30 if step <= 6 else 0.38 + 0.002 * (step % 3)
+        stops.append(window.add(step, value, [1.0 / (1 + i) for i in range(step)]))
+        step = window.next_eval
+    return stops
+
+
+def test_overfitting_is_not_called_within_the_first_epoch() -> None:
+    # a plateau just above an early best, with the training loss falling: after an epoch it is
+    # called overfitting, within the first epoch (every batch scored before it is trained on,
+    # the training loss a held-out estimate) it is not
+    assert "overfitting" in _fast_drop_then_plateau(_Window(min_steps=5), until=60)
+    assert "overfitting" not in _fast_drop_then_plateau(
+        _Window(min_steps=5, epoch_steps=100), until=60
+    )
+
+
+def test_the_window_does_not_stop_above_a_loss_a_run_of_its_lr_was_seen_to_reach() -> None:
+    # another run of this lr and batch reached 0.2 within 100 steps: no early stop above 0.2
+    # before step 200, then the rules apply again
+    reached = _Window(min_steps=5, reach=(0.2, 100))
+    stops = _fast_drop_then_plateau(reached, until=190)
+    assert not any(stops)
+    assert _fast_drop_then_plateau(_Window(min_steps=5, reach=(0.2, 100)), until=400)[-1]
+    assert _fast_drop_then_plateau(_Window(min_steps=5, reach=(0.5, 100)), until=60)[-1]
+
+
+def test_steps_ties_allow_one_progress_interval() -> None:
+    # steps read between progress points 10 % apart: seeds of 64.8-64.9 steps do not make 67
+    # steps a loss; 80 steps is one
+    close = {t.lr: t for t in (_trial(0, 64.8, 64.85, 64.9), _trial(1, 66.0, 67.0, 67.5))}
+    lr, reason = _decide(close, close[GRID_FACTOR**0], GRID_FACTOR**0, "steps to target")
+    assert "2 lrs" in reason and "plus one progress interval" in reason
+    apart = {t.lr: t for t in (_trial(0, 64.8, 64.85, 64.9), _trial(1, 78.0, 80.0, 82.0))}
+    lr, reason = _decide(apart, apart[GRID_FACTOR**0], GRID_FACTOR**0, "steps to target")
+    assert lr == pytest.approx(1.0) and "trained best" in reason
+    # scored by loss, the worst seed alone is the reach: the first pair does not tie
+    lr, reason = _decide(close, close[GRID_FACTOR**0], GRID_FACTOR**0, "loss")
+    assert "trained best" in reason
+
+
 def test_measure_noise_scale_window_stops_a_fast_overfitting_task_early() -> None:
     task = _regression_task(train=48, val=512, features=40, noise=3.0)
     fixed = measure_noise_scale(task, batch=16, steps=400, lr=0.05, seed=0)

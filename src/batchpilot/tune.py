@@ -460,6 +460,7 @@ def _tune(
                 f"runs: {reference_check.lr:.3g} ({reference_check.reason})."
             )
         good_lr = reference_check.lr
+    reach = _reached_by(reference_check)
     if budget is not None:
         # re-plan the noise phase from the range test's own seconds per step (the throughput
         # fit's estimate misses evaluation, data loading and load that came since)
@@ -497,6 +498,7 @@ def _tune(
                 on_step=lambda step, loss: bar.update("noise scale", step + 1),
                 window=True,
                 time_budget_seconds=noise_seconds,
+                reach=reach,
             ),
         )
     else:
@@ -637,6 +639,15 @@ def _tune(
         notes=tuple(notes),
         conditions=conditions,
     )
+
+
+def _reached_by(check: LrCheck | None) -> tuple[float, int] | None:
+    """(loss, steps): the median loss the check's chosen lr reached and the steps it ran, the
+    evidence the noise run (same lr, same batch) is not to stop above; None without one."""
+    chosen = None if check is None else next((t for t in check.trials if t.lr == check.lr), None)
+    if check is None or chosen is None or not math.isfinite(chosen.median):
+        return None
+    return chosen.median, chosen.steps or check.steps
 
 
 def _critical_from_steps(

@@ -16,7 +16,10 @@ steps (validation loss, or the mean training loss over the last tenth). Without 
 always scores by loss.
 
 **Ties.** Every lr whose median score is at or below the best candidate's worst seed ties with
-the best: the seeds cannot tell them apart.
+the best: the seeds cannot tell them apart. Scored by steps, the reach is one progress interval
+(``PROGRESS_SPACING`` of the steps) longer: a seed's steps are read between two progress points,
+and seeds that cross the target between the same two points agree more closely than the
+measurement resolves.
 
 **Bracketing.** The grid grows until the tie is bounded on both sides by an lr that is clearly
 worse (outside the tie) or diverged, the optimum interior as in a grid search done by hand
@@ -56,7 +59,7 @@ import torch
 from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.plan._lr_rule import lr_for_batch
 from batchpilot.task import Task
-from batchpilot.training._loop import train
+from batchpilot.training._loop import PROGRESS_SPACING, train
 
 GRID_FACTOR = math.sqrt(2.0)
 # The most lrs one horizon may add to those it starts with while bracketing the tie: with steps
@@ -305,7 +308,7 @@ def check_betas(
         score, view = _scored({0.0: unchanged, 1.0: rescaled})
         own, new = view[0.0], view[1.0]
     what = "steps to the target loss" if score == "steps to target" else "loss"
-    keep = new.median < own.median and own.median > max(new.losses)
+    keep = new.median < own.median and own.median > _reach(new, score)
     if keep:
         reason = (
             f"the rescaled betas and eps trained to median {what} {new.median:.4g} against "
@@ -355,14 +358,24 @@ def _exponent(lr: float) -> int:
     return round(math.log(lr) / math.log(GRID_FACTOR))
 
 
-def _tie(trials: dict[float, LrTrial]) -> tuple[LrTrial, list[float]] | None:
-    """The best trial and the lrs that tie with it (median at or below its worst seed), or None
-    when every trial diverged."""
+def _reach(best: LrTrial, score: Score) -> float:
+    """How far the best trial's score reaches: its worst seed, and when scored by steps to the
+    target one progress interval more (a seed's steps are read between two progress points, so
+    interpolated seeds that agree closely may still be one interval off)."""
+    worst = max(best.losses)
+    if score == "steps to target":
+        return worst + max(1.0, PROGRESS_SPACING * worst)
+    return worst
+
+
+def _tie(trials: dict[float, LrTrial], score: Score = "loss") -> tuple[LrTrial, list[float]] | None:
+    """The best trial and the lrs that tie with it (median within its reach, :func:`_reach`),
+    or None when every trial diverged."""
     finite = [t for t in trials.values() if math.isfinite(t.median)]
     if not finite:
         return None
     best = min(finite, key=lambda t: (t.median, t.lr))
-    reach = max(best.losses)
+    reach = _reach(best, score)
     return best, sorted(t.lr for t in finite if t.median <= reach)
 
 
@@ -372,7 +385,7 @@ def _decide(
     """The centre of the tie: every lr whose median is within the best's reach (at or below the
     best's worst seed) ties with it; the grid point halfway between the tie's lowest and highest
     lr is chosen (of two middle points, the one with the lower median)."""
-    reach = max(best.losses)
+    reach = _reach(best, score)
     tied = sorted(t.lr for t in trials.values() if math.isfinite(t.median) and t.median <= reach)
     low, high = _exponent(tied[0]), _exponent(tied[-1])
     middle = [k for k in {math.floor((low + high) / 2), math.ceil((low + high) / 2)}]
@@ -381,6 +394,8 @@ def _decide(
     chosen = min(choices, key=lambda t: (t.median, t.lr)) if choices else best
     rule = trials.get(centre)
     what = "steps to the target loss" if score == "steps to target" else "loss"
+    slack = " plus one progress interval" if score == "steps to target" else ""
+    slack = " plus one progress interval" if score == "steps to target" else ""
     rule_text = f"{rule.median:.4g}" if rule is not None else "not run at this horizon"
     if len(tied) == 1:
         reason = (
@@ -393,14 +408,16 @@ def _decide(
     else:
         reason = (
             f"{len(tied)} lrs from {tied[0]:.3g} to {tied[-1]:.3g} tie with the best "
-            f"{best.lr:.3g} (median {what} at or below its worst seed's, {reach:.4g}); the "
+            f"{best.lr:.3g} (median {what} at or below its worst seed's{slack}, {reach:.4g}); the "
             f"tie's centre {chosen.lr:.3g} is chosen"
             + (", the rule's own" if chosen.lr == centre else f" (the rule gave {centre:.3g})")
         )
     return chosen.lr, reason
 
 
-def _next_lr(trials: dict[float, LrTrial], gallop: dict[int, int]) -> float | None:
+def _next_lr(
+    trials: dict[float, LrTrial], gallop: dict[int, int], score: Score = "loss"
+) -> float | None:
     """The next grid point to run so that the tie becomes bounded, or None when it is.
 
     Upward first (a plateau is left by a larger lr, never a smaller one): the point above the
@@ -411,7 +428,7 @@ def _next_lr(trials: dict[float, LrTrial], gallop: dict[int, int]) -> float | No
     gallop skipped. ``gallop`` counts the steps taken each way.
     """
     exponents = {_exponent(lr): t for lr, t in trials.items()}
-    tie = _tie(trials)
+    tie = _tie(trials, score)
     if tie is None:  # every candidate diverged: go lower, faster each time
         low = min(exponents)
         step = 2 ** gallop[-1]
@@ -515,7 +532,8 @@ def check_lr(
         gallop = {1: 0, -1: 0}
         cap = len(trials) + MAX_NEW_LRS
         while True:
-            lr = _next_lr(_scored(trials)[1], gallop)
+            score, view = _scored(trials)
+            lr = _next_lr(view, gallop, score)
             if lr is None:
                 return True
             one_more = seeds * horizon * float(np.median(step_seconds)) if step_seconds else 0.0
@@ -539,7 +557,7 @@ def check_lr(
     while doublings < max_doublings:
         trials = levels[-1][1]
         score, view = _scored(trials)
-        tie = _tie(view)
+        tie = _tie(view, score)
         if tie is None:
             break
         best, tied = tie
@@ -579,7 +597,7 @@ def check_lr(
         complete = bracket(longer, horizon)
     horizon, trials = levels[-1]
     score, view = _scored(trials)
-    tie = _tie(view)
+    tie = _tie(view, score)
     if tie is None:
         best_lr = None
         lr, reason = centre, "every candidate diverged: the rule's lr is kept, unverified"

@@ -932,8 +932,21 @@ class _Window:
     """Decides a measuring run's window from its progress signal: where it was best, and whether
     it has clearly turned up since (overfitting)."""
 
-    def __init__(self, *, min_steps: int) -> None:
+    def __init__(
+        self,
+        *,
+        min_steps: int,
+        epoch_steps: int = 0,
+        reach: tuple[float, int] | None = None,
+    ) -> None:
         self.min_steps = min_steps
+        # Within the first epoch every batch is scored before the model trains on it, so the
+        # training loss is itself a held-out estimate: a validation loss that rises then is the
+        # noise of its subset, not overfitting.
+        self.epoch_steps = epoch_steps
+        # (loss, steps): another run of this lr and batch reached ``loss`` within ``steps``, so
+        # the run does not stop early above it before twice those steps.
+        self.reach = reach
         self.points: list[tuple[int, float]] = []
         self.best: tuple[int, float] | None = None
         self.next_eval = 1
@@ -953,11 +966,20 @@ class _Window:
         self.next_eval = step + max(1, int(WINDOW_SPACING * step))
         if math.isfinite(loss) and (self.best is None or loss < self.best[1]):
             self.best = (step, loss)
-        if self.best is None:
+        if self.best is None or self.short_of_reach(step):
             return None
         if self.diminishing(step):
             return "diminishing returns"
         return "overfitting" if self.overfitting(step, train_losses) else None
+
+    def short_of_reach(self, step: int) -> bool:
+        """Whether the best signal is still above the loss another run of the same lr and batch
+        reached (``reach``) and the run is within twice that run's steps: evidence that the loss
+        goes lower, so neither early stop may fire yet."""
+        if self.reach is None or self.best is None:
+            return False
+        loss, steps = self.reach
+        return self.best[1] > loss and step < 2 * steps
 
     def diminishing(self, step: int) -> bool:
         """Whether the best signal since half-way is within ``DIMINISHING_RETURNS`` of the
@@ -981,7 +1003,7 @@ class _Window:
 
     def overfitting(self, step: int, train_losses: Sequence[float]) -> bool:
         assert self.best is not None
-        if step < max(self.min_steps, WINDOW_PATIENCE * self.best[0]):
+        if step < max(self.min_steps, WINDOW_PATIENCE * self.best[0]) or step <= self.epoch_steps:
             return False
         after = [v for s, v in self.points if s > self.best[0]]
         if len(after) < 3 or not all(math.isfinite(v) for v in after) or not self.progressed():
@@ -1109,6 +1131,7 @@ def measure_noise_scale(
     window: bool = False,
     min_steps: int = MIN_WINDOW_STEPS,
     time_budget_seconds: float | None = None,
+    reach: tuple[float, int] | None = None,
 ) -> NoiseScaleResult:
     """Train a fresh model of ``task`` for up to ``steps`` steps at global ``batch`` and learning
     rate ``lr``, splitting each batch into ``micro_batches`` equal micro-batches (accumulated, so
@@ -1124,7 +1147,12 @@ def measure_noise_scale(
     window set by progress, not by how fast the machine runs). A fast task is measured where it
     reaches its best, not after it has begun to overfit; a slow one runs until ``steps`` or
     ``time_budget_seconds``. A signal that has not fallen by more than its own jitter (a plateau,
-    or an lr too low to move it) keeps the whole run as the window.
+    or an lr too low to move it) keeps the whole run as the window. Overfitting is never called
+    within the first epoch (each batch is scored before the model trains on it, so the training
+    loss is a held-out estimate then). ``reach=(loss, steps)`` is evidence from another run of this
+    lr and batch (``tune``'s reference check): it reached ``loss`` within ``steps``, so neither
+    early stop fires while the signal is above it and the run within twice those steps (a loss
+    resting on a plateau is not taken for converged when a run has been seen to leave it).
 
     The run draws from ``seed`` and leaves the caller's RNG as it was. A non-finite loss stops it
     (``diverged``). ``on_step(step, loss)`` is called after each step. The loss runs in the task's
@@ -1139,7 +1167,11 @@ def measure_noise_scale(
         check_positive_float("time_budget_seconds", time_budget_seconds)
     device = torch.device(device)
     split = "val" if task.val_data is not None else "train"
-    tracker = _Window(min_steps=min_steps)
+    if reach is not None:
+        reach = (float(reach[0]), check_positive_int("reach steps", reach[1]))
+    tracker = _Window(
+        min_steps=min_steps, epoch_steps=math.ceil(task.train_size / batch), reach=reach
+    )
     with preserved_rng():
         torch.manual_seed(seed)
         model = task.make_model(device)
