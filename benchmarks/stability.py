@@ -60,6 +60,7 @@ TUNE_KEYS = {
     "global_batch": "recommendation.global_batch",
     "lr": "recommendation.lr",
     "warnings": "recommendation.warnings",  # optional: a missing key reads as no warnings
+    "phase_seconds": "phase_seconds",  # optional: where the wall time went
 }
 
 DEFAULT_TASKS = ("digits", "spiral", "adam_mlp", "large_regression")
@@ -184,6 +185,7 @@ class Run:
     exit_code: int | None  # None: killed at --run-timeout
     warnings: list[str] = field(default_factory=list)
     error: str = ""
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -247,6 +249,7 @@ def run_tune(
     run.global_batch = int(lookup(result, "global_batch"))
     run.lr = float(lookup(result, "lr"))
     run.warnings = warning_codes(lookup(result, "warnings", required=False))
+    run.phase_seconds = dict(lookup(result, "phase_seconds", required=False) or {})
     return run
 
 

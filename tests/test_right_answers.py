@@ -261,7 +261,7 @@ def _fake_training(
 
     def seed_run(
         task: Task, lr: float, seed: int, *, steps: int, target_loss: Any, **_: Any
-    ) -> tuple[float, float]:
+    ) -> tuple[float, float, tuple[tuple[int, float], ...]]:
         if not calls or calls[-1] != (lr, steps):
             calls.append((lr, steps))
         if seconds_per_step:
@@ -271,8 +271,8 @@ def _fake_training(
         value = loss(lr, steps, seed)
         if isinstance(value, tuple):
             final, reached = value
-            return float(final), float(reached) if reached <= steps else math.inf
-        return float(value), math.inf
+            return float(final), float(reached) if reached <= steps else math.inf, ()
+        return float(value), math.inf, ()
 
     monkeypatch.setattr(_lr_check, "_seed_run", seed_run)
     return calls
@@ -726,3 +726,32 @@ def test_a_longer_horizon_reruns_only_the_lrs_that_had_not_reached_the_target(
     assert -3 in rerun and not set(rerun) & set(kept)
     # at 80 steps −3's worst seed (60) bounds a tie from −3 to 1 (60 steps): its centre, −1
     assert _exp(checked.lr) == -1 and checked.score == "steps to target"
+
+
+def _converging(k: int, halfway: float) -> LrTrial:
+    """Three seeds that reach 1e-6 from 4.0 in 100 steps, through 1e-3 at step ``halfway``."""
+    curve = ((1, 4.0), (round(halfway), 1e-3), (100, 1e-6))
+    return LrTrial(GRID_FACTOR**k, (100.0,) * 3, 100.0, False, 400, (100.0,) * 3, (curve,) * 3)
+
+
+def test_a_tie_at_the_target_too_wide_to_resolve_is_narrowed_by_the_descent_before_it() -> None:
+    # five lrs reach the target in the same 100 steps (a momentum method converging at one rate
+    # to a float floor); on the way, lrs 1 and 2 were half-way there first
+    runs = {
+        t.lr: t
+        for t in (
+            _converging(k, h) for k, h in zip(range(-2, 3), (60, 50, 40, 22, 21), strict=True)
+        )
+    }
+    best = runs[GRID_FACTOR**-2]
+    lr, reason = _decide(runs, best, GRID_FACTOR**0, "steps to target", 1e-6)
+    assert lr == pytest.approx(GRID_FACTOR**2)  # of the narrowed tie {1, 2}, the lower median
+    assert "5 lrs tie" in reason and "halfway there in log-loss" in reason
+    assert "2 of them tie" in reason
+    # without the target the tie is not re-read: its centre
+    lr, reason = _decide(runs, best, GRID_FACTOR**0, "steps to target")
+    assert lr == pytest.approx(GRID_FACTOR**0) and "halfway" not in reason
+    # a tie the grid resolves (three points, ×2) is not narrowed
+    three = {lr: t for lr, t in runs.items() if t.lr <= GRID_FACTOR**0}
+    lr, reason = _decide(three, three[GRID_FACTOR**-2], GRID_FACTOR**0, "steps to target", 1e-6)
+    assert lr == pytest.approx(GRID_FACTOR**-1) and "halfway" not in reason

@@ -22,6 +22,7 @@ from batchpilot.loading import load_task
 from batchpilot.measure import choose_threads, fixed_threads, measure_throughput
 from batchpilot.plan import plan_goodput
 from batchpilot.task import Task
+from batchpilot.training._loop import evaluation_seconds, progress_evaluations, train
 from batchpilot.tune import TuneIncomplete, TuneOptions, tune
 
 
@@ -110,6 +111,55 @@ def test_tune_total_stays_within_ten_percent_of_the_budget() -> None:
     shrunk = result.noise.steps < 200 or len(result.lr_find.runs) * result.lr_find.steps < 300
     assert shrunk  # the defaults do not fit 12 s at ≥ 10 ms per forward pass
     assert result.conditions is not None and result.conditions.threads >= 1
+
+
+def _slow_evaluation_task(sleep_seconds: float) -> Task:
+    """Training steps are fast; every forward in eval mode (the progress signal) is slow."""
+
+    class SlowToEvaluate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training:
+                time.sleep(sleep_seconds)
+            return self.linear(x)
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 4, generator=generator)
+    y = (x[:, 0] + 0.5 * torch.randn(1024, generator=generator) > 0).long()
+    return Task(
+        model=SlowToEvaluate,
+        train_data=TensorDataset(x[:768], y[:768]),
+        val_data=TensorDataset(x[768:], y[768:]),
+        loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+        optimizer=lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+        reference_lr=0.1,
+        name="slow-to-evaluate",
+    )
+
+
+def test_the_lr_check_counts_its_evaluations_against_the_budget() -> None:
+    # 50 ms per evaluation: ~30 progress points in 50 steps cost ~1.5 s a run, ten times its
+    # steps; sized by the steps alone, the check's first three lrs overran its share
+    task = _slow_evaluation_task(0.05)
+    budget = 20.0
+    result = tune(task, TuneOptions(time_budget_seconds=budget))
+    assert result.phase_seconds["total"] <= 1.1 * budget
+    assert result.lr_check is not None
+    assert any(note.startswith("lr check:") and "time budget" in note for note in result.notes)
+
+
+def test_a_run_evaluates_its_progress_as_often_as_planned() -> None:
+    task = _slow_evaluation_task(0.0)
+    for steps in (7, 10, 11, 64, 150):
+        run = train(task, micro_batch=32, lr=0.1, steps=steps, progress=True)
+        assert len(run.progress) == progress_evaluations(steps)
+    before = torch.get_rng_state()
+    progress_eval, final_eval = evaluation_seconds(task)
+    assert torch.equal(before, torch.get_rng_state())
+    assert 0 < progress_eval <= final_eval
 
 
 @pytest.mark.slow

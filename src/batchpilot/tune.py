@@ -50,7 +50,12 @@ from batchpilot.plan._split import split_batch
 from batchpilot.progress import NoProgress, PhaseProgress
 from batchpilot.summary import TaskSummary, summarize_task
 from batchpilot.task import Task
-from batchpilot.training._loop import steps_to, train
+from batchpilot.training._loop import (
+    evaluation_seconds,
+    progress_evaluations,
+    steps_to,
+    train,
+)
 
 PHASES = (
     "memory",
@@ -75,6 +80,9 @@ REPORT_SHARE = 0.08
 # Seeds per lr of the reference lr check: two, so that a tie (a median within the best's worst
 # seed) can be seen at all; one seed has no spread to compare against.
 REFERENCE_CHECK_SEEDS = 2
+# Steps of the run that times what one lr-check run costs beyond its steps (model, optimizer,
+# loader, its progress evaluations and the final one), before the check is sized.
+PROBE_RUN_STEPS = 5
 
 
 def phases_budget(total_seconds: float) -> float:
@@ -576,6 +584,12 @@ def _tune(
         lr_checked, betas_checked = checks
         if betas_checked is not None and not betas_checked.keep_rescaled:
             recommendation = without_rescaled_betas(recommendation, betas_checked.reason)
+        elif betas_checked is None and recommendation.betas is not None:
+            # not checked (no time left, or no finite run at the chosen lr): no evidence to
+            # change settings the user did not ask to change
+            recommendation = without_rescaled_betas(
+                recommendation, "not checked, so the optimizer's own are kept"
+            )
         recommendation = with_checked_lr(
             recommendation,
             lr_checked.lr,
@@ -721,11 +735,34 @@ def _check(
         / max(throughput.samples_per_second_at(split.micro_batch), 1e-12)
     )
     step_seconds = fit_batch * max(1.0, reference_step / max(fit_reference, 1e-12))
+    # A run following the progress signal also evaluates it at every progress point, and the
+    # whole validation set at its end (on a small batch that costs more than its steps), and
+    # builds its model, optimizer and loader: a real 5-step run measures what a run costs
+    # beyond its steps, and one evaluation what each further progress point adds.
+    progress_eval, _ = evaluation_seconds(task, device=options.device)
+    begin = time.perf_counter()
+    train(
+        task,
+        micro_batch=split.micro_batch,
+        accumulation_steps=split.accumulation_steps,
+        lr=recommendation.lr,
+        steps=PROBE_RUN_STEPS,
+        seed=options.seed,
+        device=options.device,
+        progress=True,
+    )
+    probe_run = time.perf_counter() - begin
+
+    def run_seconds(steps: int) -> float:
+        more = max(steps - PROBE_RUN_STEPS, 0)
+        points = progress_evaluations(steps) - progress_evaluations(PROBE_RUN_STEPS)
+        return probe_run + more * step_seconds + max(points, 0) * progress_eval
+
     if budget is not None:
-        while seeds > 1 and 3 * seeds * steps * step_seconds > budget:
+        while seeds > 1 and 3 * seeds * run_seconds(steps) > budget:
             seeds -= 1
-        if 3 * seeds * steps * step_seconds > budget:
-            steps = max(10, int(budget / (3 * step_seconds)))
+        while steps > 10 and 3 * seeds * run_seconds(steps) > budget:
+            steps = max(10, int(steps * 0.8))
         if (seeds, steps) != (options.check_seeds, steps_wanted):
             notes.append(
                 f"lr check: {seeds} seed(s) × {steps} steps per lr instead of "
@@ -750,8 +787,16 @@ def _check(
     )
     betas = None
     if recommendation.lr_rule == "adam" and recommendation.betas is not None:
-        rescaled = with_adam_scaling(task, ref_batch=reference, batch=batch)
-        betas = check_betas(rescaled, result, seed=options.seed, device=options.device)
+        left = None if budget is None else budget - result.seconds
+        if left is not None and left < seeds * run_seconds(result.steps):
+            notes.append(
+                f"Adam's rescaled betas and eps were not checked: {max(left, 0):.1f} s of the lr "
+                f"check's {budget:.0f} s were left, and one more lr takes about "
+                f"{seeds * run_seconds(result.steps):.1f} s; the optimizer's own are kept."
+            )
+        else:
+            rescaled = with_adam_scaling(task, ref_batch=reference, batch=batch)
+            betas = check_betas(rescaled, result, seed=options.seed, device=options.device)
     bar.finish("lr check", f"lr {result.lr:.3g} ({'rule' if result.kept_rule else 'checked'})")
     return result, betas
 

@@ -59,7 +59,7 @@ import torch
 from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.plan._lr_rule import lr_for_batch
 from batchpilot.task import Task
-from batchpilot.training._loop import PROGRESS_SPACING, train
+from batchpilot.training._loop import PROGRESS_SPACING, steps_to, train
 
 GRID_FACTOR = math.sqrt(2.0)
 # The most lrs one horizon may add to those it starts with while bracketing the tie: with steps
@@ -70,6 +70,9 @@ MAX_NEW_LRS = 9
 # within ×√2 of every lr in it, the resolution the grid promises).
 MAX_DOUBLINGS = 3
 MAX_TIE_SPAN = 2
+# How many shallower losses a tie by steps to the target, wider than MAX_TIE_SPAN, is re-read at
+# (each halfway to the one before in log-loss, from where the runs started).
+MAX_NARROWINGS = 3
 
 
 def grid_point(lr: float) -> float:
@@ -83,7 +86,7 @@ class LrTrial:
     """One candidate lr: its loss per seed (validation loss after the run, or the mean training
     loss over its last tenth), their median, whether a seed diverged, the steps it was given,
     and, with a target loss, each seed's steps to it (``reached``; infinite when a seed did not
-    get there within ``steps``)."""
+    get there within ``steps``) and its progress signal up to there (``progress``)."""
 
     lr: float
     losses: tuple[float, ...]
@@ -91,6 +94,7 @@ class LrTrial:
     diverged: bool
     steps: int = 0
     reached: tuple[float, ...] = ()
+    progress: tuple[tuple[tuple[int, float], ...], ...] = ()
 
     @property
     def median_steps(self) -> float:
@@ -158,10 +162,10 @@ def _seed_run(
     steps: int,
     device: torch.device | str,
     target_loss: float | None,
-) -> tuple[float, float]:
+) -> tuple[float, float, tuple[tuple[int, float], ...]]:
     """One training run: its loss (validation loss at its end, else the mean training loss over
-    its last tenth; infinite when it diverged) and its steps to ``target_loss`` (infinite when it
-    did not get there; the run ends once it does)."""
+    its last tenth; infinite when it diverged), its steps to ``target_loss`` (infinite when it
+    did not get there; the run ends once it does) and its progress signal."""
     run = train(
         task,
         micro_batch=micro_batch,
@@ -173,15 +177,15 @@ def _seed_run(
         target_loss=target_loss,
     )
     if run.diverged:
-        return math.inf, math.inf
+        return math.inf, math.inf, run.progress
     final = run.final
     if final is not None:
         loss = final.loss
     else:
         loss = float(np.mean(run.train_losses[-max(1, len(run.train_losses) // 10) :]))
     if not math.isfinite(loss):
-        return math.inf, math.inf
-    return loss, run.steps_to_target
+        return math.inf, math.inf, run.progress
+    return loss, run.steps_to_target, run.progress
 
 
 def _trial(
@@ -210,11 +214,12 @@ def _trial(
         )
         for seed in seeds
     ]
-    losses = tuple(loss for loss, _ in runs)
+    losses = tuple(loss for loss, _, _ in runs)
     diverged = any(math.isinf(loss) for loss in losses)
     median = math.inf if diverged else float(np.median(losses))
-    reached = tuple(r for _, r in runs) if target_loss is not None else ()
-    return LrTrial(lr, losses, median, diverged, steps, reached)
+    reached = tuple(r for _, r, _ in runs) if target_loss is not None else ()
+    progress = tuple(p for _, _, p in runs) if target_loss is not None else ()
+    return LrTrial(lr, losses, median, diverged, steps, reached, progress)
 
 
 def _trial_dict(trial: LrTrial) -> dict[str, Any]:
@@ -222,6 +227,7 @@ def _trial_dict(trial: LrTrial) -> dict[str, Any]:
         "losses": list(trial.losses),
         "reached": list(trial.reached),
         "median_steps": trial.median_steps,
+        "progress": [[list(point) for point in seed] for seed in trial.progress],
     }
 
 
@@ -379,25 +385,85 @@ def _tie(trials: dict[float, LrTrial], score: Score = "loss") -> tuple[LrTrial, 
     return best, sorted(t.lr for t in finite if t.median <= reach)
 
 
+def _narrowed(
+    trials: dict[float, LrTrial], tied: list[float], target_loss: float | None
+) -> tuple[list[float], list[str], dict[float, LrTrial]]:
+    """A tie by steps to the target too wide for the grid's promise (more than
+    ``MAX_TIE_SPAN`` grid points), narrowed by the steps to shallower losses: halfway to the
+    target in log-loss from where the runs started (the median loss after their first step),
+    then halfway to that, at most ``MAX_NARROWINGS`` times, each among the lrs still tied.
+
+    Lrs that reach the target in the same steps can still differ on the way: a run that got
+    half-way sooner leads at every earlier stopping point, so it is the one to prefer (on a
+    realizable task every lr of a momentum method converges at the same rate to the float floor,
+    and only the descent before it tells them apart). A level the best reaches in fewer than
+    ``1 / PROGRESS_SPACING`` steps is not used: a step there is more than the progress points'
+    spacing. Returns the tie, what each level did, and
+    the trials as the last level scored them."""
+    said: list[str] = []
+    scored = trials
+    level = target_loss
+    for _ in range(MAX_NARROWINGS):
+        if level is None or _exponent(tied[-1]) - _exponent(tied[0]) <= MAX_TIE_SPAN:
+            break
+        firsts = [seed[0][1] for lr in tied for seed in trials[lr].progress if seed]
+        start = float(np.median(firsts)) if firsts else math.nan
+        if not (math.isfinite(start) and start > level > 0):
+            break
+        level = math.sqrt(start * level)
+        view = {}
+        for lr in tied:
+            seeds = tuple(steps_to(p, level) if p else math.inf for p in trials[lr].progress)
+            median = float(np.median(seeds)) if seeds else math.inf
+            view[lr] = replace(trials[lr], losses=seeds, median=median)
+        tie = _tie(view, "steps to target")
+        if tie is None or not math.isfinite(tie[0].median):
+            break
+        best, narrower = tie
+        if best.median < 1 / PROGRESS_SPACING:
+            # a loss reached within the first few steps is read to a single step, coarser than
+            # the progress points' spacing: it ranks the first updates, not the training speed
+            break
+        said.append(
+            f"by steps to {level:.3g} (halfway there in log-loss) {len(narrower)} of them tie "
+            f"with {best.lr:.3g} (median {best.median:.4g} steps)"
+        )
+        tied, scored = narrower, view
+    return tied, said, scored
+
+
 def _decide(
-    trials: dict[float, LrTrial], best: LrTrial, centre: float, score: Score = "loss"
+    trials: dict[float, LrTrial],
+    best: LrTrial,
+    centre: float,
+    score: Score = "loss",
+    target_loss: float | None = None,
 ) -> tuple[float, str]:
     """The centre of the tie: every lr whose median is within the best's reach (at or below the
     best's worst seed) ties with it; the grid point halfway between the tie's lowest and highest
-    lr is chosen (of two middle points, the one with the lower median)."""
+    lr is chosen (of two middle points, the one with the lower median). Scored by steps to
+    ``target_loss``, a tie wider than the grid resolves is first narrowed (:func:`_narrowed`)."""
     reach = _reach(best, score)
     tied = sorted(t.lr for t in trials.values() if math.isfinite(t.median) and t.median <= reach)
+    wide = len(tied)
+    said: list[str] = []
+    if score == "steps to target":
+        tied, said, scored = _narrowed(trials, tied, target_loss)
+    else:
+        scored = trials
     low, high = _exponent(tied[0]), _exponent(tied[-1])
     middle = [k for k in {math.floor((low + high) / 2), math.ceil((low + high) / 2)}]
-    by_exponent = {_exponent(t.lr): t for t in trials.values()}
-    choices = [by_exponent[k] for k in middle if k in by_exponent]
-    chosen = min(choices, key=lambda t: (t.median, t.lr)) if choices else best
+    by_exponent = {_exponent(lr): t for lr, t in scored.items()}
+    choices = [by_exponent[k] for k in middle if k in by_exponent and by_exponent[k].lr in tied]
+    if not choices:  # the middle was not run, or fell out of a narrowed tie: the nearest in it
+        gap = min(abs(_exponent(lr) - (low + high) / 2) for lr in tied)
+        choices = [scored[lr] for lr in tied if abs(_exponent(lr) - (low + high) / 2) == gap]
+    chosen = min(choices, key=lambda t: (t.median, t.lr))
     rule = trials.get(centre)
     what = "steps to the target loss" if score == "steps to target" else "loss"
     slack = " plus one progress interval" if score == "steps to target" else ""
-    slack = " plus one progress interval" if score == "steps to target" else ""
     rule_text = f"{rule.median:.4g}" if rule is not None else "not run at this horizon"
-    if len(tied) == 1:
+    if wide == 1:
         reason = (
             f"the rule's {centre:.3g} trained best of {len(trials)} lrs (median {what} "
             f"{chosen.median:.4g})"
@@ -406,10 +472,10 @@ def _decide(
             f"{chosen.median:.4g}; the rule's {centre:.3g}: {rule_text})"
         )
     else:
+        narrowed = f"; wider than the check resolves, so {'; then '.join(said)}" if said else ""
         reason = (
-            f"{len(tied)} lrs from {tied[0]:.3g} to {tied[-1]:.3g} tie with the best "
-            f"{best.lr:.3g} (median {what} at or below its worst seed's{slack}, {reach:.4g}); the "
-            f"tie's centre {chosen.lr:.3g} is chosen"
+            f"{wide} lrs tie with the best {best.lr:.3g} (median {what} at or below its worst "
+            f"seed's{slack}, {reach:.4g}){narrowed}; the tie's centre {chosen.lr:.3g} is chosen"
             + (", the rule's own" if chosen.lr == centre else f" (the rule gave {centre:.3g})")
         )
     return chosen.lr, reason
@@ -604,7 +670,7 @@ def check_lr(
     else:
         best, _ = tie
         best_lr = best.lr
-        lr, reason = _decide(view, best, centre, score)
+        lr, reason = _decide(view, best, centre, score, target_loss)
         if why:
             reason += f" (at {horizon} steps; the horizon doubled after " + "; ".join(why) + ")"
     reached = None

@@ -204,6 +204,41 @@ def evaluate(
     return Evaluation(loss=total_loss / samples, metric=metric, samples=samples)
 
 
+def progress_evaluations(steps: int) -> int:
+    """How many times a run of ``steps`` steps that follows the progress signal evaluates it:
+    after every step up to step 10, then every ``PROGRESS_SPACING`` of the steps so far (the
+    schedule of :func:`train`), so a run's cost can be planned before it runs.
+
+    >>> progress_evaluations(10), progress_evaluations(100)
+    (10, 38)
+    """
+    points, next_point = 0, 1
+    for step in range(1, steps + 1):
+        if step >= next_point:
+            points += 1
+            next_point = step + max(1, int(PROGRESS_SPACING * step))
+    return points
+
+
+def evaluation_seconds(task: Task, *, device: torch.device | str = "cpu") -> tuple[float, float]:
+    """Seconds one evaluation of the progress signal takes on a fresh model of ``task`` (its
+    ``PROGRESS_SAMPLES`` validation samples; 0 without validation data), and one of the whole
+    validation set (scaled from it by the samples): the cost a run adds to its steps. The
+    faster of two timings; the RNG is left as it was."""
+    if task.val_data is None:
+        return 0.0, 0.0
+    with preserved_rng():
+        model = task.make_model(torch.device(device))
+        timings = []
+        for _ in range(2):
+            begin = time.perf_counter()
+            done = evaluate(task, model, device=device, max_samples=PROGRESS_SAMPLES)
+            timings.append(time.perf_counter() - begin)
+    del model
+    one = min(timings)
+    return one, one * task.val_size / max(done.samples, 1)
+
+
 def train(
     task: Task,
     *,
@@ -326,7 +361,9 @@ __all__ = [
     "TrainResult",
     "accumulate_gradients",
     "evaluate",
+    "evaluation_seconds",
     "micro_batches",
+    "progress_evaluations",
     "steps_to",
     "train",
 ]
