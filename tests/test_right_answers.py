@@ -755,3 +755,25 @@ def test_a_tie_at_the_target_too_wide_to_resolve_is_narrowed_by_the_descent_befo
     three = {lr: t for lr, t in runs.items() if t.lr <= GRID_FACTOR**0}
     lr, reason = _decide(three, three[GRID_FACTOR**-2], GRID_FACTOR**0, "steps to target", 1e-6)
     assert lr == pytest.approx(GRID_FACTOR**-1) and "halfway" not in reason
+
+
+def _window_result(progress: tuple[tuple[int, float], ...], window_steps: int) -> Any:
+    from batchpilot.measure import NoiseScaleResult
+
+    return NoiseScaleResult(
+        *("t", 32, 8, 4, 0.1, progress[-1][0], 10.0, (5.0, 20.0), 10.0, 1.0, 1.0, 0, (), ()),
+        *(1.0, False, ()),
+        window_steps=window_steps,
+        progress=progress,
+    )
+
+
+def test_the_target_stays_above_the_float_resolution_of_where_the_run_started() -> None:
+    # a realizable task: from 5 to the float floor (1e-13), where reaching it is luck
+    floor = _window_result(((1, 5.0), (50, 1e-3), (100, 2e-13), (120, 3e-13), (140, 1e-13)), 140)
+    assert floor.window_loss == pytest.approx(2e-13)
+    assert floor.target_loss == pytest.approx(5.0 * torch.finfo(torch.float32).eps)
+    # a window that ends well above it keeps its own loss
+    noisy = _window_result(((1, 2.3), (50, 0.9), (100, 0.6), (120, 0.55), (140, 0.58)), 140)
+    assert noisy.target_loss == noisy.window_loss == pytest.approx(0.58)
+    assert floor.to_dict()["target_loss"] == floor.target_loss

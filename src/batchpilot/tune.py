@@ -574,7 +574,7 @@ def _tune(
                 throughput,
                 reference_step=plain_step,
                 fallback_steps=options.lr_steps if noise is None else noise.window_steps,
-                target_loss=None if noise is None else noise.window_loss,
+                target_loss=None if noise is None else noise.target_loss,
                 budget=check_budget,
                 notes=notes,
                 bar=bar,
@@ -670,7 +670,7 @@ def _critical_from_steps(
     """The critical batch through the steps to the noise window's loss at two batches: the
     noise run's at the reference batch, the lr check's median at its chosen lr (when it scored
     by steps to that loss); None when either is missing or both batches are the same."""
-    target = None if noise is None else noise.window_loss
+    target = None if noise is None else noise.target_loss
     at_batch = next((t for t in check.trials if t.lr == check.lr), None)
     if noise is None or target is None or check.score != "steps to target" or at_batch is None:
         return None

@@ -845,6 +845,9 @@ def critical_batch_over_run(
 # thousands.
 EVAL_SAMPLES = PROGRESS_SAMPLES  # the signal the lr check's runs follow to the window's loss
 WINDOW_SPACING = 0.2
+# The float32 resolution: a loss is not taken as a target below this fraction of where its run
+# started (``NoiseScaleResult.target_loss``), its digits there being rounding.
+ROUNDING_LEVEL = float(torch.finfo(torch.float32).eps)
 # The run stops early once the progress signal has clearly risen from its best (the mean of its
 # last 3 points above the best by 3 times its noise about the trend since) while the training
 # loss kept falling (by 2 standard errors; overfitting, not a plateau's wander), no sooner than half again as many
@@ -916,9 +919,23 @@ class NoiseScaleResult:
             return None
         return float(statistics.median(points[-3:]))
 
+    @property
+    def target_loss(self) -> float | None:
+        """The loss the later checks train to (the lr check's steps to it, the critical batch
+        at two batches): the window's loss, but never below ``ROUNDING_LEVEL`` of where the run
+        started (its first progress point). A loss lowered by float32's resolution (ε = 1.2e-7,
+        seven digits) has converged for any practical purpose, and below it the loss's digits
+        are rounding: on a realizable task the window ends at the float floor (1e-13 from 5),
+        where whether a run reaches the floor's level is luck, not speed."""
+        window = self.window_loss
+        if window is None or not self.progress or not math.isfinite(self.progress[0][1]):
+            return window
+        return max(window, ROUNDING_LEVEL * self.progress[0][1])
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["window_loss"] = self.window_loss
+        data["target_loss"] = self.target_loss
         data["noise_scale_interval"] = list(self.noise_scale_interval)
         data["plan_interval"] = list(self.plan_interval)
         data["history"] = [asdict(point) for point in self.history]
