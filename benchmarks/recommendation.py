@@ -725,10 +725,16 @@ def lookup(result: dict[str, Any], path: str) -> Any:
 
 
 def run_tune(
-    bench: BenchTask, *, seed: int, time_budget: float | None, timeout: float
+    bench: BenchTask,
+    *,
+    seed: int,
+    time_budget: float | None,
+    timeout: float,
+    given_target: bool = False,
 ) -> dict[str, Any]:
     """``batchpilot tune TASK --seed S --format json`` in a subprocess, with its CPU cost
-    (``getrusage(RUSAGE_CHILDREN)`` before and after) and the keys of ``TUNE_KEYS``."""
+    (``getrusage(RUSAGE_CHILDREN)`` before and after) and the keys of ``TUNE_KEYS``;
+    ``given_target`` passes the task's ``TARGET_VAL_LOSS`` as ``--target-loss``."""
     with tempfile.TemporaryDirectory(prefix="batchpilot-recommendation-") as tmp:
         command = [
             str(BATCHPILOT),
@@ -743,6 +749,8 @@ def run_tune(
         ]
         if time_budget is not None:
             command += ["--time-budget", str(time_budget)]
+        if given_target:
+            command += ["--target-loss", repr(bench.target)]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         load_before = os.getloadavg()[0]
         wall = time.perf_counter()
@@ -820,6 +828,7 @@ def tune_task(
     step_cap: int,
     time_budget: float | None,
     timeout: float,
+    given_target: bool = False,
 ) -> dict[str, Any]:
     """tune's answers for one task, each trained to the target, beside a fresh rerun of the grid's
     fastest cell (same loop, same session, so both are timed under the same load)."""
@@ -830,7 +839,9 @@ def tune_task(
             bench, Setting(fastest["batch"], fastest["lr"]), seeds=seeds, step_cap=step_cap
         )
     for seed in range(tune_seeds):
-        answer = run_tune(bench, seed=seed, time_budget=time_budget, timeout=timeout)
+        answer = run_tune(
+            bench, seed=seed, time_budget=time_budget, timeout=timeout, given_target=given_target
+        )
         if "error" not in answer and answer.get("global_batch") and answer.get("lr"):
             answer["training"] = train_setting(
                 bench, tune_setting(answer), seeds=seeds, step_cap=step_cap
@@ -1173,6 +1184,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="full results (JSON)")
     parser.add_argument("--markdown", action="store_true", help="Markdown tables")
     parser.add_argument(
+        "--given-target",
+        action="store_true",
+        help="pass each task's TARGET_VAL_LOSS to tune as --target-loss (the user who knows "
+        "the loss they train to); default: tune's own target",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"smoke run: {','.join(QUICK_TASKS)}, batches 8/32/128, 1 seed, goals not enforced",
@@ -1248,6 +1265,7 @@ def main(argv: list[str] | None = None) -> int:
             step_cap=args.step_cap,
             time_budget=args.time_budget,
             timeout=args.tune_timeout,
+            given_target=args.given_target,
         )
         fresh = (result.get("fastest_rerun") or {}).get("median_cpu_seconds")
         for answer in result["answers"]:
@@ -1290,7 +1308,11 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "machine": machine(),
-                    "settings": {**settings_record(args), "tune_seeds": args.tune_seeds},
+                    "settings": {
+                        **settings_record(args),
+                        "tune_seeds": args.tune_seeds,
+                        "given_target": args.given_target,
+                    },
                     "grid": document,
                     "tune": results,
                     "order": {"pairs": pairs, "errors": errors, "pass": order_ok},

@@ -100,6 +100,10 @@ def test_scale_json_keys(capsys: pytest.CaptureFixture[str]) -> None:
         (("check",), "TASK: give either a TASK"),
         (("check", "--example", "digits", "--device", "tpu"), "--device: unknown device 'tpu'"),
         (("check", "no/such/file.py:task"), "TASK: no such file"),
+        (
+            ("tune", "--example", "xor4", "--target-loss", "-1"),
+            "--target-loss: expected a positive number, got -1.0",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from itertools import pairwise
 from typing import Any
 
@@ -777,3 +778,22 @@ def test_the_target_stays_above_the_float_resolution_of_where_the_run_started() 
     noisy = _window_result(((1, 2.3), (50, 0.9), (100, 0.6), (120, 0.55), (140, 0.58)), 140)
     assert noisy.target_loss == noisy.window_loss == pytest.approx(0.58)
     assert floor.to_dict()["target_loss"] == floor.target_loss
+
+
+def test_the_report_says_where_the_lr_checks_target_came_from() -> None:
+    from batchpilot.measure._lr_check import LrCheck
+    from batchpilot.report.tune import _horizon_sentence
+
+    floor = _window_result(((1, 5.0), (50, 1e-3), (100, 2e-13), (120, 3e-13), (140, 1e-13)), 140)
+    check = LrCheck(
+        *(512, 512, 1, 300, 3, 1e-4, 1e-4, (), 1e-4, 1e-4, True, "r", "val", 1.0, True),
+        horizons=(300,),
+        target_loss=floor.target_loss,
+        reached=True,
+        score="steps to target",
+    )
+    text = _horizon_sentence(check, floor)
+    assert "float32's resolution" in text and "5.96e-07" in text and "reached." in text
+    noisy = _window_result(((1, 2.3), (50, 0.9), (100, 0.6), (120, 0.55), (140, 0.58)), 140)
+    text = _horizon_sentence(replace(check, target_loss=noisy.target_loss), noisy)
+    assert "the noise window's loss, 0.58" in text

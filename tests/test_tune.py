@@ -3,6 +3,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,17 @@ def test_cli_tune_bad_budget(capsys: pytest.CaptureFixture[str]) -> None:
     _, err = capsys.readouterr()
     assert info.value.code == 2
     assert err.strip() == "batchpilot: error: --noise-steps: expected a positive integer, got 0"
+
+
+def test_a_target_loss_you_give_is_the_one_the_lr_check_counts_steps_to() -> None:
+    torch.set_num_threads(1)
+    options = TuneOptions(
+        seed=0, max_batch=64, throughput_steps=2, lr_steps=30, lr_repeats=1, noise_steps=30
+    )
+    given = tune(load_task(example="spiral"), replace(options, target_loss=0.68))
+    assert given.lr_check is not None and given.lr_check.target_loss == 0.68
+    assert given.noise is not None and given.noise.target_loss != 0.68
+    reached = [r for t in given.lr_check.trials for r in t.reached if math.isfinite(r)]
+    assert reached and given.lr_check.score == "steps to target"  # seeds stopped at 0.68
+    if given.critical_batch is not None:
+        assert given.critical_batch.target_loss == 0.68

@@ -139,6 +139,7 @@ class TuneOptions:
     noise_micro_batches: int = 4
     check_lr: bool = True
     check_seeds: int = 3
+    target_loss: float | None = None
     verify: bool = False
     verify_epochs: float = 5.0
     time_budget_seconds: float | None = DEFAULT_TIME_BUDGET_SECONDS
@@ -162,6 +163,8 @@ class TuneOptions:
             check_positive_int("reference_batch", self.reference_batch)
         if self.lr is not None:
             check_positive_float("lr", self.lr)
+        if self.target_loss is not None:
+            check_positive_float("target_loss", self.target_loss)
         if self.time_budget_seconds is not None:
             check_positive_float("time_budget", self.time_budget_seconds)
         if self.threads is not None:
@@ -574,7 +577,7 @@ def _tune(
                 throughput,
                 reference_step=plain_step,
                 fallback_steps=options.lr_steps if noise is None else noise.window_steps,
-                target_loss=None if noise is None else noise.target_loss,
+                target_loss=_target(options, noise),
                 budget=check_budget,
                 notes=notes,
                 bar=bar,
@@ -597,7 +600,9 @@ def _tune(
             verified_runs=lr_checked.seeds if lr_checked.stable else 0,
             stable_lr=edge,
         )
-        measured = _critical_from_steps(noise, lr_checked, reference_batch, task.train_size)
+        measured = _critical_from_steps(
+            noise, lr_checked, reference_batch, task.train_size, _target(options, noise)
+        )
         if measured is not None and 0 < measured.critical_batch < math.inf:
             recommendation = with_measured_critical_batch(recommendation, measured)
             replanned = plan(measured.critical_batch, measured.interval)
@@ -664,22 +669,34 @@ def _reached_by(check: LrCheck | None) -> tuple[float, int] | None:
     return chosen.median, chosen.steps or check.steps
 
 
+def _target(options: TuneOptions, noise: NoiseScaleResult | None) -> float | None:
+    """The loss the lr check and the two-batch critical batch count steps to: the user's
+    ``target_loss``, else the noise window's (:attr:`NoiseScaleResult.target_loss`)."""
+    if options.target_loss is not None:
+        return options.target_loss
+    return None if noise is None else noise.target_loss
+
+
 def _critical_from_steps(
-    noise: NoiseScaleResult | None, check: LrCheck, reference_batch: int, train_size: int
+    noise: NoiseScaleResult | None,
+    check: LrCheck,
+    reference_batch: int,
+    train_size: int,
+    target: float | None,
 ) -> StepsCriticalBatch | None:
-    """The critical batch through the steps to the noise window's loss at two batches: the
-    noise run's at the reference batch, the lr check's median at its chosen lr (when it scored
-    by steps to that loss); None when either is missing or both batches are the same."""
-    target = None if noise is None else noise.target_loss
+    """The critical batch through the steps to ``target`` at two batches: the noise run's at
+    the reference batch, the lr check's median at its chosen lr (when it scored by steps to
+    that loss); None when either is missing, or the noise run never reached it."""
     at_batch = next((t for t in check.trials if t.lr == check.lr), None)
     if noise is None or target is None or check.score != "steps to target" or at_batch is None:
         return None
     reached = [r for r in at_batch.reached if math.isfinite(r)]
-    if not reached:
+    reference_steps = steps_to(noise.progress, target)
+    if not reached or not math.isfinite(reference_steps):
         return None
     return StepsCriticalBatch.measure(
         target,
-        reference=(reference_batch, steps_to(noise.progress, target)),
+        reference=(reference_batch, reference_steps),
         reference_resolution=WINDOW_SPACING / 2,
         checked=(check.global_batch, at_batch.median_steps, (min(reached), max(reached))),
         dataset_size=train_size,

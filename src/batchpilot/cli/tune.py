@@ -127,6 +127,15 @@ def tune_command(
         int,
         typer.Option("--check-seeds", help="Seeds per lr of the check at the recommended batch."),
     ] = TuneOptions.check_seeds,
+    target_loss: Annotated[
+        float | None,
+        typer.Option(
+            "--target-loss",
+            help="The validation loss you train to (time to a target, as MLPerf measures "
+            "training): the lr check scores its lrs by the steps to it, and the critical batch "
+            "is measured by them. Default: the loss the noise-scale window reached.",
+        ),
+    ] = None,
     verify: Annotated[
         bool,
         typer.Option(
@@ -186,6 +195,7 @@ def tune_command(
                 noise_steps=noise_steps,
                 check_lr=check_lr,
                 check_seeds=check_seeds,
+                target_loss=target_loss,
                 verify=verify,
                 verify_epochs=verify_epochs,
                 time_budget_seconds=phases_budget(time_budget),

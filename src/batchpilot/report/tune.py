@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 
 from batchpilot.jsonio import to_json
 from batchpilot.measure._lr_check import LrCheck
+from batchpilot.measure._noise import NoiseScaleResult
 from batchpilot.plots.lr_find import plot_lr_check, plot_lr_find
 from batchpilot.plots.memory import plot_memory, plot_step_time_residuals, plot_throughput
 from batchpilot.plots.noise import plot_goodput, plot_noise_history
@@ -431,7 +432,7 @@ def _lr_check_section(result: TuneResult) -> Section:
             f"{check.accumulation_steps} accumulation, constant lr, no warm-up, {check.seeds} "
             f"seed(s) each, for the steps in the table; "
             + (
-                f"scored by the steps to the noise window's {check.split} loss "
+                f"scored by the steps to the target {check.split} loss "
                 f"{check.target_loss:.4g} (median over seeds; a run stops there), as a grid "
                 "search to a target scores them (Shallue et al. 2019)"
                 if check.score == "steps to target" and check.target_loss is not None
@@ -440,7 +441,7 @@ def _lr_check_section(result: TuneResult) -> Section:
             + f". The rule gave {check.rule_lr:.4g} (grid point "
             f"{check.rule_grid_lr:.4g}); {check.reason}."
             + ("" if check.complete else " The time budget ended the grid early.")
-            + _horizon_sentence(check),
+            + _horizon_sentence(check, result.noise, result.options.target_loss),
             "The grid is fixed powers of √2. An lr ties with the best when its median is at or "
             "below the best's worst seed; the grid grows (in steps of ×√2, ×2, ×4, … while the "
             "best is at its edge) until an lr outside the tie, or one that diverged, bounds it on "
@@ -516,9 +517,11 @@ def _measured_critical_sentence(result: TuneResult) -> str:
     )
 
 
-def _horizon_sentence(check: LrCheck) -> str:
-    """How long the check's runs were: the plan's prediction to the noise window's loss, and
-    whether they were lengthened (the reason says why) and reached it."""
+def _horizon_sentence(
+    check: LrCheck, noise: NoiseScaleResult | None, given: float | None = None
+) -> str:
+    """How long the check's runs were: the plan's prediction to the target loss, and whether
+    they were lengthened (the reason says why) and reached it; where the target came from."""
     text = ""
     if len(check.horizons) > 1:
         text = (
@@ -526,9 +529,18 @@ def _horizon_sentence(check: LrCheck) -> str:
             "favour large lrs: Wu et al. 2018)."
         )
     if check.target_loss is not None:
-        text += f" The target was the noise window's loss, {check.target_loss:.4g}: " + (
-            "reached." if check.reached else "not reached."
-        )
+        window = None if noise is None else noise.window_loss
+        if given is not None:
+            source = f"the one you gave (--target-loss), {given:.4g}"
+        elif window is not None and window < check.target_loss:
+            source = (
+                f"float32's resolution (ε = 1.2e-7) times the noise run's first loss, "
+                f"{check.target_loss:.4g}, above the window's {window:.3g}, whose digits are "
+                "rounding"
+            )
+        else:
+            source = f"the noise window's loss, {check.target_loss:.4g}"
+        text += f" The target was {source}: " + ("reached." if check.reached else "not reached.")
     return text
 
 
