@@ -38,7 +38,7 @@ from batchpilot.task import Task
 
 # The progress signal a run can follow (``train(..., progress=True)``): the loss on the first
 # PROGRESS_SAMPLES validation samples (the mean training loss since the point before, without
-# validation data), after every step up to step 10, then every PROGRESS_SPACING of the steps so
+# validation data), after every step up to step 20, then every PROGRESS_SPACING of the steps so
 # far (~24 points per decade of steps: steps-to-target resolved to ~10 %, interpolated between).
 PROGRESS_SAMPLES = 512
 PROGRESS_SPACING = 0.1
@@ -206,7 +206,7 @@ def evaluate(
 
 def progress_evaluations(steps: int) -> int:
     """How many times a run of ``steps`` steps that follows the progress signal evaluates it:
-    after every step up to step 10, then every ``PROGRESS_SPACING`` of the steps so far (the
+    after every step up to step 20, then every ``PROGRESS_SPACING`` of the steps so far (the
     schedule of :func:`train`), so a run's cost can be planned before it runs.
 
     >>> progress_evaluations(10), progress_evaluations(100)
