@@ -518,7 +518,7 @@ def _measured_critical_sentence(result: TuneResult) -> str:
 
 
 def _horizon_sentence(
-    check: LrCheck, noise: NoiseScaleResult | None, given: float | None = None
+    check: LrCheck, noise: NoiseScaleResult | None = None, given: float | None = None
 ) -> str:
     """How long the check's runs were: the plan's prediction to the target loss, and whether
     they were lengthened (the reason says why) and reached it; where the target came from."""
