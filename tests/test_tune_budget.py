@@ -157,9 +157,9 @@ def test_a_run_evaluates_its_progress_as_often_as_planned() -> None:
         run = train(task, micro_batch=32, lr=0.1, steps=steps, progress=True)
         assert len(run.progress) == progress_evaluations(steps)
     before = torch.get_rng_state()
-    progress_eval, final_eval = evaluation_seconds(task)
+    progress_eval = evaluation_seconds(task)
     assert torch.equal(before, torch.get_rng_state())
-    assert 0 < progress_eval <= final_eval
+    assert progress_eval > 0
 
 
 @pytest.mark.slow

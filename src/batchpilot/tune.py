@@ -46,7 +46,7 @@ from batchpilot.plan._recommend import (
     with_measured_critical_batch,
     without_rescaled_betas,
 )
-from batchpilot.plan._split import split_batch
+from batchpilot.plan._split import BatchSplit, split_batch
 from batchpilot.progress import NoProgress, PhaseProgress
 from batchpilot.summary import TaskSummary, summarize_task
 from batchpilot.task import Task
@@ -562,6 +562,7 @@ def _tune(
     betas_checked: BetasCheck | None = None
     steps_critical: StepsCriticalBatch | None = None
     if options.check_lr:
+        target = _target(options, noise)
         plain_step = seconds["lr range test"] / max(lr_steps * lr_repeats, 1)
         check_budget = None
         if budget is not None:
@@ -577,7 +578,7 @@ def _tune(
                 throughput,
                 reference_step=plain_step,
                 fallback_steps=options.lr_steps if noise is None else noise.window_steps,
-                target_loss=_target(options, noise),
+                target_loss=target,
                 budget=check_budget,
                 notes=notes,
                 bar=bar,
@@ -600,9 +601,7 @@ def _tune(
             verified_runs=lr_checked.seeds if lr_checked.stable else 0,
             stable_lr=edge,
         )
-        measured = _critical_from_steps(
-            noise, lr_checked, reference_batch, task.train_size, _target(options, noise)
-        )
+        measured = _critical_from_steps(noise, lr_checked, reference_batch, task.train_size, target)
         if measured is not None and 0 < measured.critical_batch < math.inf:
             recommendation = with_measured_critical_batch(recommendation, measured)
             replanned = plan(measured.critical_batch, measured.interval)
@@ -752,30 +751,9 @@ def _check(
         / max(throughput.samples_per_second_at(split.micro_batch), 1e-12)
     )
     step_seconds = fit_batch * max(1.0, reference_step / max(fit_reference, 1e-12))
-    # A run following the progress signal also evaluates it at every progress point, and the
-    # whole validation set at its end (on a small batch that costs more than its steps), and
-    # builds its model, optimizer and loader: a real 5-step run measures what a run costs
-    # beyond its steps, and one evaluation what each further progress point adds.
-    progress_eval, _ = evaluation_seconds(task, device=options.device)
-    begin = time.perf_counter()
-    train(
-        task,
-        micro_batch=split.micro_batch,
-        accumulation_steps=split.accumulation_steps,
-        lr=recommendation.lr,
-        steps=PROBE_RUN_STEPS,
-        seed=options.seed,
-        device=options.device,
-        progress=True,
-    )
-    probe_run = time.perf_counter() - begin
-
-    def run_seconds(steps: int) -> float:
-        more = max(steps - PROBE_RUN_STEPS, 0)
-        points = progress_evaluations(steps) - progress_evaluations(PROBE_RUN_STEPS)
-        return probe_run + more * step_seconds + max(points, 0) * progress_eval
-
+    run_seconds = None
     if budget is not None:
+        run_seconds = _run_cost(task, split, recommendation.lr, step_seconds, options)
         while seeds > 1 and 3 * seeds * run_seconds(steps) > budget:
             seeds -= 1
         while steps > 10 and 3 * seeds * run_seconds(steps) > budget:
@@ -805,7 +783,7 @@ def _check(
     betas = None
     if recommendation.lr_rule == "adam" and recommendation.betas is not None:
         left = None if budget is None else budget - result.seconds
-        if left is not None and left < seeds * run_seconds(result.steps):
+        if left is not None and run_seconds and left < seeds * run_seconds(result.steps):
             notes.append(
                 f"Adam's rescaled betas and eps were not checked: {max(left, 0):.1f} s of the lr "
                 f"check's {budget:.0f} s were left, and one more lr takes about "
@@ -816,6 +794,37 @@ def _check(
             betas = check_betas(rescaled, result, seed=options.seed, device=options.device)
     bar.finish("lr check", f"lr {result.lr:.3g} ({'rule' if result.kept_rule else 'checked'})")
     return result, betas
+
+
+def _run_cost(
+    task: Task, split: BatchSplit, lr: float, step_seconds: float, options: TuneOptions
+) -> Callable[[int], float]:
+    """Seconds one lr-check run of a given number of steps takes. Beyond its steps, a run
+    following the progress signal evaluates it at every progress point and the whole validation
+    set at its end (on a small batch that costs more than the steps), and builds its model,
+    optimizer and loader: a real ``PROBE_RUN_STEPS``-step run measures all that once, and one
+    timed evaluation what each further progress point adds."""
+    progress_eval = evaluation_seconds(task, device=options.device)
+    begin = time.perf_counter()
+    train(
+        task,
+        micro_batch=split.micro_batch,
+        accumulation_steps=split.accumulation_steps,
+        lr=lr,
+        steps=PROBE_RUN_STEPS,
+        seed=options.seed,
+        device=options.device,
+        progress=True,
+    )
+    probe_run = time.perf_counter() - begin
+    probe_points = progress_evaluations(PROBE_RUN_STEPS)
+
+    def run_seconds(steps: int) -> float:
+        more_steps = max(steps - PROBE_RUN_STEPS, 0)
+        more_points = max(progress_evaluations(steps) - probe_points, 0)
+        return probe_run + more_steps * step_seconds + more_points * progress_eval
+
+    return run_seconds
 
 
 def micro_batches_for(options: TuneOptions, batch: int) -> int:

@@ -398,8 +398,8 @@ def _narrowed(
     realizable task every lr of a momentum method converges at the same rate to the float floor,
     and only the descent before it tells them apart). A level the best reaches in fewer than
     ``1 / PROGRESS_SPACING`` steps is not used: a step there is more than the progress points'
-    spacing. Returns the tie, what each level did, and
-    the trials as the last level scored them."""
+    spacing. Returns the tie, what each level did, and the trials as the last level scored
+    them."""
     said: list[str] = []
     scored = trials
     level = target_loss

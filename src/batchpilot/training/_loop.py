@@ -212,31 +212,33 @@ def progress_evaluations(steps: int) -> int:
     >>> progress_evaluations(10), progress_evaluations(100)
     (10, 38)
     """
-    points, next_point = 0, 1
-    for step in range(1, steps + 1):
-        if step >= next_point:
-            points += 1
-            next_point = step + max(1, int(PROGRESS_SPACING * step))
+    points, step = 0, 1
+    while step <= steps:
+        points += 1
+        step = next_progress_point(step)
     return points
 
 
-def evaluation_seconds(task: Task, *, device: torch.device | str = "cpu") -> tuple[float, float]:
+def next_progress_point(step: int) -> int:
+    """The step of the progress point after the one at ``step`` (steps counted from 1): one
+    step later up to step 20, then ``PROGRESS_SPACING`` of the steps so far later."""
+    return step + max(1, int(PROGRESS_SPACING * step))
+
+
+def evaluation_seconds(task: Task, *, device: torch.device | str = "cpu") -> float:
     """Seconds one evaluation of the progress signal takes on a fresh model of ``task`` (its
-    ``PROGRESS_SAMPLES`` validation samples; 0 without validation data), and one of the whole
-    validation set (scaled from it by the samples): the cost a run adds to its steps. The
-    faster of two timings; the RNG is left as it was."""
+    ``PROGRESS_SAMPLES`` validation samples; 0 without validation data): what each progress
+    point adds to a run's steps. The faster of two timings; the RNG is left as it was."""
     if task.val_data is None:
-        return 0.0, 0.0
+        return 0.0
     with preserved_rng():
         model = task.make_model(torch.device(device))
         timings = []
         for _ in range(2):
             begin = time.perf_counter()
-            done = evaluate(task, model, device=device, max_samples=PROGRESS_SAMPLES)
+            evaluate(task, model, device=device, max_samples=PROGRESS_SAMPLES)
             timings.append(time.perf_counter() - begin)
-    del model
-    one = min(timings)
-    return one, one * task.val_size / max(done.samples, 1)
+    return min(timings)
 
 
 def train(
@@ -320,7 +322,7 @@ def train(
             last = step == steps - 1
             since.append(loss)
             if follow and step + 1 >= next_point:
-                next_point = step + 1 + max(1, int(PROGRESS_SPACING * (step + 1)))
+                next_point = next_progress_point(step + 1)
                 signal = (
                     evaluate(task, model, device=device, max_samples=PROGRESS_SAMPLES).loss
                     if task.val_data is not None
@@ -363,6 +365,7 @@ __all__ = [
     "evaluate",
     "evaluation_seconds",
     "micro_batches",
+    "next_progress_point",
     "progress_evaluations",
     "steps_to",
     "train",
