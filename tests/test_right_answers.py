@@ -250,6 +250,41 @@ def test_a_tie_answers_its_centre_and_a_clear_win_its_best() -> None:
     assert lr == pytest.approx(GRID_FACTOR**1)  # middles 1 and 2: the lower median, 1
 
 
+def test_ties_are_paired_seed_against_seed() -> None:
+    from batchpilot.measure._lr_check import _next_lr, _tie
+
+    # adam_mlp at batch 512, steps to the target per seed (seed s: same init and data order at
+    # every lr). The middle lr's median is past the best's worst seed plus an interval (19.25),
+    # but its seed 0 got there first: the seeds cannot rank them, so it ties.
+    runs = {
+        t.lr: t
+        for t in (
+            _trial(-1, 19.6, 22.8, 20.6),
+            _trial(0, 14.9, 17.5, 16.5),
+            _trial(1, 11.6, 19.6, 31.6),
+        )
+    }
+    best, tied = _tie(runs, "steps to target")
+    assert best.lr == pytest.approx(1.0)
+    assert tied == [pytest.approx(1.0), pytest.approx(GRID_FACTOR)]  # −1 lost every seed
+    # so the tie is not yet bounded above: the check runs the next lr up
+    assert _next_lr(runs, {1: 0, -1: 0}, "steps to target") == pytest.approx(GRID_FACTOR**2)
+    # a constant offset between draws cancels: lr 1 is behind in every seed by 0.02, less than
+    # the 0.1 between seeds, and ties by its median; lr 2, behind by 0.15 in each, does not
+    offset = {
+        t.lr: t
+        for t in (
+            _trial(0, 0.50, 0.60, 0.70),
+            _trial(1, 0.52, 0.62, 0.72),
+            _trial(2, 0.65, 0.75, 0.85),
+        )
+    }
+    assert _tie(offset, "loss")[1] == [pytest.approx(1.0), pytest.approx(GRID_FACTOR)]
+    # the same losses with lr 2 ahead in one seed: it ties
+    offset[GRID_FACTOR**2] = _trial(2, 0.45, 0.75, 0.85)
+    assert len(_tie(offset, "loss")[1]) == 3
+
+
 def _fake_training(
     monkeypatch: pytest.MonkeyPatch,
     loss: Any,
@@ -774,10 +809,18 @@ def test_the_target_stays_above_the_float_resolution_of_where_the_run_started() 
     floor = _window_result(((1, 5.0), (50, 1e-3), (100, 2e-13), (120, 3e-13), (140, 1e-13)), 140)
     assert floor.window_loss == pytest.approx(2e-13)
     assert floor.target_loss == pytest.approx(5.0 * torch.finfo(torch.float32).eps)
-    # a window that ends well above it keeps its own loss
+    assert floor.target_source == "rounding"
+    # a window that ends well above it: the loss on the descent 95 % of the way (in log-loss)
+    # from the first point to the window's, not the window's floor
     noisy = _window_result(((1, 2.3), (50, 0.9), (100, 0.6), (120, 0.55), (140, 0.58)), 140)
-    assert noisy.target_loss == noisy.window_loss == pytest.approx(0.58)
+    assert noisy.window_loss == pytest.approx(0.58)
+    assert noisy.target_loss == pytest.approx(0.58 * (2.3 / 0.58) ** 0.05)  # 0.621
+    assert noisy.target_source == "descent"
     assert floor.to_dict()["target_loss"] == floor.target_loss
+    assert noisy.to_dict()["target_source"] == "descent"
+    # no progress to take a share of (the window's loss at or above the first): the window's
+    flat = _window_result(((1, 0.7), (50, 0.71), (100, 0.72)), 100)
+    assert flat.target_loss == pytest.approx(0.71) and flat.target_source == "window"
 
 
 def test_the_report_says_where_the_lr_checks_target_came_from() -> None:
@@ -796,4 +839,27 @@ def test_the_report_says_where_the_lr_checks_target_came_from() -> None:
     assert "float32's resolution" in text and "5.96e-07" in text and "reached." in text
     noisy = _window_result(((1, 2.3), (50, 0.9), (100, 0.6), (120, 0.55), (140, 0.58)), 140)
     text = _horizon_sentence(replace(check, target_loss=noisy.target_loss), noisy)
-    assert "the noise window's loss, 0.58" in text
+    assert "0.6214, where the noise run had made 95% of its log-loss progress" in text
+    assert "from 2.3 to the window's 0.58" in text
+
+
+def test_a_critical_batch_from_a_few_steps_is_not_used() -> None:
+    from batchpilot.plan import StepsCriticalBatch
+    from batchpilot.tune import _resolved
+
+    def measured(reference_steps: float, steps: float) -> StepsCriticalBatch:
+        found = StepsCriticalBatch.measure(
+            0.5,
+            reference=(64, reference_steps),
+            reference_resolution=0.1,
+            checked=(512, steps, (0.9 * steps, 1.1 * steps)),
+            dataset_size=None,
+        )
+        assert found is not None
+        return found
+
+    # 6 steps at 512 against 40 at 64 reads B_crit ≈ 700: a whole step is 17 % of the count
+    few = measured(40.0, 6.0)
+    assert few.critical_batch > 500 and not _resolved(few)
+    assert _resolved(measured(82.0, 40.0))  # the grid's own counts: read as they are
+    assert not _resolved(measured(9.0, 40.0))  # the fewer of the two decides, either batch

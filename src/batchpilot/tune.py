@@ -51,6 +51,7 @@ from batchpilot.progress import NoProgress, PhaseProgress
 from batchpilot.summary import TaskSummary, summarize_task
 from batchpilot.task import Task
 from batchpilot.training._loop import (
+    RESOLVED_STEPS,
     evaluation_seconds,
     progress_evaluations,
     steps_to,
@@ -602,7 +603,16 @@ def _tune(
             stable_lr=edge,
         )
         measured = _critical_from_steps(noise, lr_checked, reference_batch, task.train_size, target)
-        if measured is not None and 0 < measured.critical_batch < math.inf:
+        if measured is not None and not _resolved(measured):
+            notes.append(
+                f"The critical batch through the steps at two batches is not used: the target "
+                f"loss {measured.target_loss:.4g} was reached in {measured.reference_steps:.3g} "
+                f"steps at batch {measured.reference_batch} and {measured.steps:.3g} at batch "
+                f"{measured.batch}, and a count under {RESOLVED_STEPS:.0f} steps is the first "
+                "updates' granularity, not a training speed (it would read B_crit ≈ "
+                f"{measured.critical_batch:,.0f}); the gradient noise scale is kept."
+            )
+        if measured is not None and _resolved(measured) and 0 < measured.critical_batch < math.inf:
             recommendation = with_measured_critical_batch(recommendation, measured)
             replanned = plan(measured.critical_batch, measured.interval)
             if replanned.global_batch != recommendation.global_batch:
@@ -700,6 +710,15 @@ def _critical_from_steps(
         checked=(check.global_batch, at_batch.median_steps, (min(reached), max(reached))),
         dataset_size=train_size,
     )
+
+
+def _resolved(measured: StepsCriticalBatch) -> bool:
+    """Whether a critical batch through the steps at two batches rests on step counts of at
+    least ``RESOLVED_STEPS`` at both: a loss reached within the first few steps is read to a
+    whole step, and the ratio of two such counts is the first updates' granularity (Adam's first
+    steps move every weight by about the lr at any batch), not the law ``S(B) = S_min (1 +
+    B_crit / B)`` it is read through."""
+    return min(measured.reference_steps, measured.steps) >= RESOLVED_STEPS
 
 
 def _later_shares(options: TuneOptions, *, after_noise: bool = False) -> dict[str, float]:

@@ -15,11 +15,16 @@ past it. Until some candidate's median reaches the target the check scores by th
 steps (validation loss, or the mean training loss over the last tenth). Without a target it
 always scores by loss.
 
-**Ties.** Every lr whose median score is at or below the best candidate's worst seed ties with
-the best: the seeds cannot tell them apart. Scored by steps, the reach is one progress interval
-(``PROGRESS_SPACING`` of the steps) longer: a seed's steps are read between two progress points,
-and seeds that cross the target between the same two points agree more closely than the
-measurement resolves.
+**Ties.** An lr ties with the best candidate (the lowest median) unless the best beat it both
+ways: its median past the best's worst seed, and seed against seed in every seed. Seeds are
+paired — seed ``s`` is the same initialisation and data order at every lr — so the second test
+compares lrs on the same draw, where an offset between draws (one seed's validation loss sits
+0.03 above another's at every lr on a noisy task) cancels; the first keeps a candidate whose
+every seed lost by less than the spread between seeds. Scored by steps, the reach and each
+seed's margin are one progress interval (``PROGRESS_SPACING`` of the steps) longer: a seed's
+steps are read between two progress points, and seeds that cross the target between the same two
+points agree more closely than the measurement resolves. A tie's ends are thus where the best is
+ahead by every measure, on the rising sides of the optimum, not where one noisy seed put them.
 
 **Bracketing.** The grid grows until the tie is bounded on both sides by an lr that is clearly
 worse (outside the tie) or diverged, the optimum interior as in a grid search done by hand
@@ -59,7 +64,7 @@ import torch
 from batchpilot.checks import check_positive_float, check_positive_int
 from batchpilot.plan._lr_rule import lr_for_batch
 from batchpilot.task import Task
-from batchpilot.training._loop import PROGRESS_SPACING, steps_to, train
+from batchpilot.training._loop import PROGRESS_SPACING, RESOLVED_STEPS, steps_to, train
 
 GRID_FACTOR = math.sqrt(2.0)
 # The most lrs one horizon may add to those it starts with while bracketing the tie: with steps
@@ -374,15 +379,40 @@ def _reach(best: LrTrial, score: Score) -> float:
     return worst
 
 
+def _beaten(best: LrTrial, other: LrTrial, score: Score) -> bool:
+    """Whether ``best`` did better than ``other`` in every seed, paired: a seed is the same
+    initialisation and data order at every lr, so seed against seed compares lrs on the same
+    draw, free of the offsets between draws. Scored by steps to the target, by more than one
+    progress interval (the resolution a seed's steps are read to)."""
+    if not best.losses or len(best.losses) != len(other.losses):
+        return True
+    for own, theirs in zip(best.losses, other.losses, strict=True):
+        margin = 0.0
+        if score == "steps to target" and math.isfinite(own):
+            margin = max(1.0, PROGRESS_SPACING * own)
+        if not theirs > own + margin:
+            return False
+    return True
+
+
+def _ties(best: LrTrial, other: LrTrial, score: Score) -> bool:
+    """Whether ``other`` ties with ``best``: the seeds cannot tell them apart unless the best
+    beat it both ways, its median past the best's worst seed (:func:`_reach`) and seed against
+    seed in every seed (:func:`_beaten`); a trial that did not train to a finite median never
+    ties."""
+    if not math.isfinite(other.median):
+        return False
+    return other.median <= _reach(best, score) or not _beaten(best, other, score)
+
+
 def _tie(trials: dict[float, LrTrial], score: Score = "loss") -> tuple[LrTrial, list[float]] | None:
-    """The best trial and the lrs that tie with it (median within its reach, :func:`_reach`),
-    or None when every trial diverged."""
+    """The best trial (lowest median) and the lrs that tie with it (:func:`_ties`), or None
+    when every trial diverged."""
     finite = [t for t in trials.values() if math.isfinite(t.median)]
     if not finite:
         return None
     best = min(finite, key=lambda t: (t.median, t.lr))
-    reach = _reach(best, score)
-    return best, sorted(t.lr for t in finite if t.median <= reach)
+    return best, sorted(t.lr for t in finite if _ties(best, t, score))
 
 
 def _narrowed(
@@ -397,7 +427,7 @@ def _narrowed(
     half-way sooner leads at every earlier stopping point, so it is the one to prefer (on a
     realizable task every lr of a momentum method converges at the same rate to the float floor,
     and only the descent before it tells them apart). A level the best reaches in fewer than
-    ``1 / PROGRESS_SPACING`` steps is not used: a step there is more than the progress points'
+    ``RESOLVED_STEPS`` steps is not used: a step there is more than the progress points'
     spacing. Returns the tie, what each level did, and the trials as the last level scored
     them."""
     said: list[str] = []
@@ -420,7 +450,7 @@ def _narrowed(
         if tie is None or not math.isfinite(tie[0].median):
             break
         best, narrower = tie
-        if best.median < 1 / PROGRESS_SPACING:
+        if best.median < RESOLVED_STEPS:
             # a loss reached within the first few steps is read to a single step, coarser than
             # the progress points' spacing: it ranks the first updates, not the training speed
             break
@@ -439,12 +469,11 @@ def _decide(
     score: Score = "loss",
     target_loss: float | None = None,
 ) -> tuple[float, str]:
-    """The centre of the tie: every lr whose median is within the best's reach (at or below the
-    best's worst seed) ties with it; the grid point halfway between the tie's lowest and highest
-    lr is chosen (of two middle points, the one with the lower median). Scored by steps to
+    """The centre of the tie (:func:`_ties`): the grid point halfway between the tie's lowest
+    and highest lr is chosen (of two middle points, the one with the lower median). Scored by steps to
     ``target_loss``, a tie wider than the grid resolves is first narrowed (:func:`_narrowed`)."""
     reach = _reach(best, score)
-    tied = sorted(t.lr for t in trials.values() if math.isfinite(t.median) and t.median <= reach)
+    tied = sorted(t.lr for t in trials.values() if _ties(best, t, score))
     wide = len(tied)
     said: list[str] = []
     if score == "steps to target":
@@ -474,8 +503,9 @@ def _decide(
     else:
         narrowed = f"; wider than the check resolves, so {'; then '.join(said)}" if said else ""
         reason = (
-            f"{wide} lrs tie with the best {best.lr:.3g} (median {what} at or below its worst "
-            f"seed's{slack}, {reach:.4g}){narrowed}; the tie's centre {chosen.lr:.3g} is chosen"
+            f"{wide} lrs tie with the best {best.lr:.3g} (each with its median {what} at or "
+            f"below the best's worst seed's{slack}, {reach:.4g}, or ahead of it in some seed)"
+            f"{narrowed}; the tie's centre {chosen.lr:.3g} is chosen"
             + (", the rule's own" if chosen.lr == centre else f" (the rule gave {centre:.3g})")
         )
     return chosen.lr, reason

@@ -863,6 +863,7 @@ DIMINISHING_RETURNS = 0.05
 MIN_WINDOW_STEPS = 30
 
 PlanQuantity = Literal["critical batch over the window", "noise scale at the end of the window"]
+TargetSource = Literal["descent", "rounding", "window"]
 
 
 @dataclass(frozen=True)
@@ -922,20 +923,47 @@ class NoiseScaleResult:
     @property
     def target_loss(self) -> float | None:
         """The loss the later checks train to (the lr check's steps to it, the critical batch
-        at two batches): the window's loss, but never below ``ROUNDING_LEVEL`` of where the run
-        started (its first progress point). A loss lowered by float32's resolution (ε = 1.2e-7,
-        seven digits) has converged for any practical purpose, and below it the loss's digits
-        are rounding: on a realizable task the window ends at the float floor (1e-13 from 5),
-        where whether a run reaches the floor's level is luck, not speed."""
+        at two batches): the loss at which the noise run had made all but
+        ``DIMINISHING_RETURNS`` of its log-loss progress from where it started (its first
+        progress point) to the window's loss, and never below ``ROUNDING_LEVEL`` of where it
+        started.
+
+        The window ends where the loss stopped falling: at a noise floor (label noise, the lr's
+        own floor) or overfitting, whose level another run crosses, or not, by the luck of its
+        fluctuations. A little above it the loss is still on its descent, crossed once and
+        decisively, so steps to it rank lrs by speed, not by luck; the last 5 % is the same
+        share by which the window judged the run's progress to have flattened. A loss lowered
+        by float32's resolution (ε = 1.2e-7, seven digits) has converged for any practical
+        purpose, and below it the loss's digits are rounding (a realizable task's window ends
+        at the float floor, 1e-13 from 5)."""
+        return self._target()[0]
+
+    @property
+    def target_source(self) -> TargetSource | None:
+        """Which rule set :attr:`target_loss`: "descent" (all but ``DIMINISHING_RETURNS`` of the
+        progress to the window's loss), "rounding" (float32's resolution), or "window" (the
+        window's own loss, when the run made no progress to measure a share of)."""
+        return self._target()[1]
+
+    def _target(self) -> tuple[float | None, TargetSource | None]:
         window = self.window_loss
         if window is None or not self.progress or not math.isfinite(self.progress[0][1]):
-            return window
-        return max(window, ROUNDING_LEVEL * self.progress[0][1])
+            return window, None if window is None else "window"
+        start = self.progress[0][1]
+        target: float = window
+        source: TargetSource = "window"
+        if 0 < window < start:
+            target = math.exp(math.log(window) + DIMINISHING_RETURNS * math.log(start / window))
+            source = "descent"
+        if ROUNDING_LEVEL * start > target:
+            return ROUNDING_LEVEL * start, "rounding"
+        return target, source
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["window_loss"] = self.window_loss
         data["target_loss"] = self.target_loss
+        data["target_source"] = self.target_source
         data["noise_scale_interval"] = list(self.noise_scale_interval)
         data["plan_interval"] = list(self.plan_interval)
         data["history"] = [asdict(point) for point in self.history]

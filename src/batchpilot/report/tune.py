@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 
 from batchpilot.jsonio import to_json
 from batchpilot.measure._lr_check import LrCheck
-from batchpilot.measure._noise import NoiseScaleResult
+from batchpilot.measure._noise import DIMINISHING_RETURNS, NoiseScaleResult
 from batchpilot.plots.lr_find import plot_lr_check, plot_lr_find
 from batchpilot.plots.memory import plot_memory, plot_step_time_residuals, plot_throughput
 from batchpilot.plots.noise import plot_goodput, plot_noise_history
@@ -530,13 +530,21 @@ def _horizon_sentence(
         )
     if check.target_loss is not None:
         window = None if noise is None else noise.window_loss
+        start = noise.progress[0][1] if noise is not None and noise.progress else None
         if given is not None:
             source = f"the one you gave (--target-loss), {given:.4g}"
-        elif window is not None and window < check.target_loss:
+        elif noise is not None and noise.target_source == "rounding":
             source = (
                 f"float32's resolution (ε = 1.2e-7) times the noise run's first loss, "
-                f"{check.target_loss:.4g}, above the window's {window:.3g}, whose digits are "
-                "rounding"
+                f"{check.target_loss:.4g}, above the window's {window or math.nan:.3g}, whose "
+                "digits are rounding"
+            )
+        elif noise is not None and noise.target_source == "descent":
+            source = (
+                f"{check.target_loss:.4g}, where the noise run had made "
+                f"{1 - DIMINISHING_RETURNS:.0%} of its log-loss progress from {start or math.nan:.3g} "
+                f"to the window's {window or math.nan:.3g} (a loss still on the descent, crossed once: the "
+                "window's own level is a floor the runs' fluctuations cross by luck)"
             )
         else:
             source = f"the noise window's loss, {check.target_loss:.4g}"

@@ -42,6 +42,10 @@ from batchpilot.task import Task
 # far (~24 points per decade of steps: steps-to-target resolved to ~10 %, interpolated between).
 PROGRESS_SAMPLES = 512
 PROGRESS_SPACING = 0.1
+# The fewest steps to a loss that rank or scale anything: below 1 / PROGRESS_SPACING steps one
+# step is more than the progress points' relative spacing, so a count there is the first updates'
+# granularity (Adam's first steps move every weight by about the lr), not a training speed.
+RESOLVED_STEPS = 1 / PROGRESS_SPACING
 
 
 @dataclass(frozen=True)
