@@ -133,7 +133,8 @@ def tune_command(
             "--target-loss",
             help="The validation loss you train to (time to a target, as MLPerf measures "
             "training): the lr check scores its lrs by the steps to it, and the critical batch "
-            "is measured by them. Default: the loss the noise-scale window reached.",
+            "is measured by them. Default: a loss on the noise run's descent, 95% of the way "
+            "(in log-loss) to where its window ended.",
         ),
     ] = None,
     verify: Annotated[
