@@ -272,22 +272,6 @@ def test_a_tie_wider_than_the_grid_resolves_keeps_the_rule_or_moves_to_its_neare
     # within the grid's resolution (×2 end to end) the centre decides, not the rule
     lr, _ = _decide({k: t for k, t in wide.items() if k <= GRID_FACTOR**2.5}, best, GRID_FACTOR**0)
     assert lr == pytest.approx(GRID_FACTOR**1)
-    # scored by steps to a target: counted in tens they rank lrs, and a wide tie is a flat
-    # optimum (its centre, between 1 and 2: the lower median); the same tie reached within the
-    # first steps (a tenth of them) is no evidence, and the rule's lr stands
-    tens = {lr: replace(t, reached=t.losses) for lr, t in _scaled(wide, 20.0).items()}
-    lr, reason = _decide(tens, tens[best.lr], GRID_FACTOR**0, "steps to target")
-    assert lr == pytest.approx(GRID_FACTOR**1) and "tie's centre" in reason
-    firsts = {lr: replace(t, reached=t.losses) for lr, t in _scaled(wide, 2.0).items()}
-    lr, reason = _decide(firsts, firsts[best.lr], GRID_FACTOR**0, "steps to target")
-    assert lr == pytest.approx(GRID_FACTOR**0) and "nearest the rule's" in reason
-
-
-def _scaled(trials: dict[float, LrTrial], factor: float) -> dict[float, LrTrial]:
-    return {
-        lr: replace(t, losses=tuple(v * factor for v in t.losses), median=t.median * factor)
-        for lr, t in trials.items()
-    }
 
 
 def test_ties_are_paired_seed_against_seed() -> None:
@@ -800,9 +784,10 @@ def test_a_longer_horizon_reruns_only_the_lrs_that_had_not_reached_the_target(
     kept = sorted(_exp(t.lr) for t in checked.trials if t.steps == 40)
     assert kept == [-2, -1]  # every seed reached at 40 steps: the same runs, kept
     assert -3 in rerun and not set(rerun) & set(kept)
-    # at 80 steps −3's worst seed (60) bounds a tie from −3 to 1 (60 steps): ×4 wide, but by
-    # steps counted in tens, which rank lrs (a flat optimum): its centre, −1
-    assert _exp(checked.lr) == -1 and checked.score == "steps to target"
+    # at 80 steps −3's worst seed (60) bounds a tie from −3 to 1 (60 steps), ×4 wide, wider
+    # than the grid resolves: the rule's own grid point (0.4 → −3) stands, not the centre −1
+    assert _exp(checked.lr) == -3 and checked.score == "steps to target"
+    assert "nearest the rule's" in checked.reason
 
 
 def _converging(k: int, halfway: float) -> LrTrial:

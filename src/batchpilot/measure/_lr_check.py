@@ -44,11 +44,7 @@ longest horizon it ran.
 
 **Decision.** The grid point at the centre of the final tie (of two middle points, the one with
 the lower median): a flat optimum answers its middle whatever noise ranked first, a sharp one its
-best. A tie still wider than ``MAX_TIE_SPAN`` grid points (after :func:`_narrowed`) whose scores
-cannot rank lrs — losses at a horizon, or steps to a target the best reached in fewer than
-``RESOLVED_STEPS`` — holds no evidence for its centre, which is where the grid stopped growing:
-the rule's lr is kept when it ties, else the tied lr nearest it. Steps counted in ten or more
-rank lrs, and a wide tie by them is a flat optimum: its centre.
+best.
 
 >>> round(grid_point(0.1), 4), round(grid_point(0.3), 4)
 (0.0884, 0.3536)
@@ -485,11 +481,9 @@ def _decide(
     else:
         scored = trials
     low, high = _exponent(tied[0]), _exponent(tied[-1])
-    # a tie wider than the grid resolves, by scores that cannot rank lrs (a loss at a horizon,
-    # with no descent to re-read, or steps to a target the best reached within its first few),
-    # is no evidence for its centre, which sits where the grid happened to stop: the rule's lr
-    # moves only as far as the evidence takes it
-    unresolved = high - low > MAX_TIE_SPAN and (score == "loss" or best.median < RESOLVED_STEPS)
+    # a tie wider than the grid resolves is no evidence for its centre, which sits where the
+    # grid happened to stop: the rule's lr moves only as far as the evidence takes it
+    unresolved = high - low > MAX_TIE_SPAN
     aim = float(_exponent(centre)) if unresolved else (low + high) / 2
     middle = [k for k in {math.floor(aim), math.ceil(aim)}]
     by_exponent = {_exponent(lr): t for lr, t in scored.items()}

@@ -446,9 +446,7 @@ def _lr_check_section(result: TuneResult) -> Section:
             "below the best's worst seed; the grid grows (in steps of ×√2, ×2, ×4, … while the "
             "best is at its edge) until an lr outside the tie, or one that diverged, bounds it on "
             "both sides, and the tie's centre is chosen: noise that does not change the outcome "
-            "of training does not move the answer. A tie wider than ×2, which the runs cannot "
-            "resolve, keeps the rule's lr (or the tied lr nearest it): its centre would be where "
-            "the grid stopped growing.",
+            "of training does not move the answer.",
         ],
         tables=[
             Table(
