@@ -242,36 +242,12 @@ def test_a_tie_answers_its_centre_and_a_clear_win_its_best() -> None:
         for t in (
             _trial(0, 1.0, 1.1, 1.2),
             _trial(1, 1.0, 1.05, 1.2),
-            _trial(2, 2.0, 2.1, 2.2),
+            _trial(2, 1.0, 1.1, 1.3),
+            _trial(3, 1.0, 1.12, 1.3),
         )
     }
     lr, _ = _decide(even, even[GRID_FACTOR**1], GRID_FACTOR**0)
-    assert lr == pytest.approx(GRID_FACTOR**1)  # middles 0 and 1: the lower median, 1
-
-
-def test_a_tie_wider_than_the_grid_resolves_keeps_the_rule_or_moves_to_its_nearest_end() -> None:
-    # four lrs over ×2.83 tie: their centre would be where the grid stopped, so the rule's lr
-    # stands when it ties, and the tied lr nearest it is chosen when it does not
-    wide = {
-        t.lr: t
-        for t in (
-            _trial(0, 1.0, 1.1, 1.2),
-            _trial(1, 1.0, 1.05, 1.2),
-            _trial(2, 1.0, 1.1, 1.3),
-            _trial(3, 1.0, 1.12, 1.3),
-            _trial(4, 2.0, 2.1, 2.2),
-            _trial(5, 2.2, 2.3, 2.4),
-        )
-    }
-    best = wide[GRID_FACTOR**1]
-    lr, reason = _decide(wide, best, GRID_FACTOR**0)
-    assert lr == pytest.approx(GRID_FACTOR**0) and "nearest the rule's" in reason
-    assert "the rule's own" in reason
-    lr, reason = _decide(wide, best, GRID_FACTOR**5)  # the rule's lr was beaten
-    assert lr == pytest.approx(GRID_FACTOR**3) and "(the rule gave" in reason
-    # within the grid's resolution (×2 end to end) the centre decides, not the rule
-    lr, _ = _decide({k: t for k, t in wide.items() if k <= GRID_FACTOR**2.5}, best, GRID_FACTOR**0)
-    assert lr == pytest.approx(GRID_FACTOR**1)
+    assert lr == pytest.approx(GRID_FACTOR**1)  # middles 1 and 2: the lower median, 1
 
 
 def test_ties_are_paired_seed_against_seed() -> None:
@@ -784,10 +760,8 @@ def test_a_longer_horizon_reruns_only_the_lrs_that_had_not_reached_the_target(
     kept = sorted(_exp(t.lr) for t in checked.trials if t.steps == 40)
     assert kept == [-2, -1]  # every seed reached at 40 steps: the same runs, kept
     assert -3 in rerun and not set(rerun) & set(kept)
-    # at 80 steps −3's worst seed (60) bounds a tie from −3 to 1 (60 steps), ×4 wide, wider
-    # than the grid resolves: the rule's own grid point (0.4 → −3) stands, not the centre −1
-    assert _exp(checked.lr) == -3 and checked.score == "steps to target"
-    assert "nearest the rule's" in checked.reason
+    # at 80 steps −3's worst seed (60) bounds a tie from −3 to 1 (60 steps): its centre, −1
+    assert _exp(checked.lr) == -1 and checked.score == "steps to target"
 
 
 def _converging(k: int, halfway: float) -> LrTrial:

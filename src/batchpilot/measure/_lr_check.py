@@ -481,16 +481,12 @@ def _decide(
     else:
         scored = trials
     low, high = _exponent(tied[0]), _exponent(tied[-1])
-    # a tie wider than the grid resolves is no evidence for its centre, which sits where the
-    # grid happened to stop: the rule's lr moves only as far as the evidence takes it
-    unresolved = high - low > MAX_TIE_SPAN
-    aim = float(_exponent(centre)) if unresolved else (low + high) / 2
-    middle = [k for k in {math.floor(aim), math.ceil(aim)}]
+    middle = [k for k in {math.floor((low + high) / 2), math.ceil((low + high) / 2)}]
     by_exponent = {_exponent(lr): t for lr, t in scored.items()}
     choices = [by_exponent[k] for k in middle if k in by_exponent and by_exponent[k].lr in tied]
-    if not choices:  # not run, or out of the (narrowed) tie: the nearest lr in it
-        gap = min(abs(_exponent(lr) - aim) for lr in tied)
-        choices = [scored[lr] for lr in tied if abs(_exponent(lr) - aim) == gap]
+    if not choices:  # the middle was not run, or fell out of a narrowed tie: the nearest in it
+        gap = min(abs(_exponent(lr) - (low + high) / 2) for lr in tied)
+        choices = [scored[lr] for lr in tied if abs(_exponent(lr) - (low + high) / 2) == gap]
     chosen = min(choices, key=lambda t: (t.median, t.lr))
     rule = trials.get(centre)
     what = "steps to the target loss" if score == "steps to target" else "loss"
@@ -506,19 +502,10 @@ def _decide(
         )
     else:
         narrowed = f"; wider than the check resolves, so {'; then '.join(said)}" if said else ""
-        if unresolved:
-            choice = (
-                f"; {len(tied)} lrs over ×{GRID_FACTOR ** (high - low):.3g} are still tied, "
-                f"wider than the check resolves (×{GRID_FACTOR**MAX_TIE_SPAN:.3g}): their "
-                "centre would be where the grid stopped, not evidence, so the tied lr nearest "
-                f"the rule's is chosen, {chosen.lr:.3g}"
-            )
-        else:
-            choice = f"; the tie's centre {chosen.lr:.3g} is chosen"
         reason = (
             f"{wide} lrs tie with the best {best.lr:.3g} (each with its median {what} at or "
             f"below the best's worst seed's{slack}, {reach:.4g}, or ahead of it in some seed)"
-            f"{narrowed}{choice}"
+            f"{narrowed}; the tie's centre {chosen.lr:.3g} is chosen"
             + (", the rule's own" if chosen.lr == centre else f" (the rule gave {centre:.3g})")
         )
     return chosen.lr, reason
