@@ -70,14 +70,23 @@ def test_python_examples_in_the_docs_run(
     script = tmp_path / "example.py"
     script.write_text(code)
     before = LAUNCHERS[launcher] if launcher is not None else []
-    done = subprocess.run(
-        [sys.executable, *before, str(script)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *before, str(script)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+
+    done = run()
+    if launcher is not None and done.returncode != 0 and "SIGABRT" in done.stderr:
+        # gloo can abort a worker while tearing its process group down on a loaded 2-core
+        # machine, after the script's last line (seen once in four CI runs of train_ddp.py);
+        # the example must still run cleanly, so it is run once more and that run must pass
+        done = run()
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
 
 
