@@ -84,9 +84,13 @@ def test_python_examples_in_the_docs_run(
     done = run()
     if launcher is not None and done.returncode != 0 and "SIGABRT" in done.stderr:
         # gloo can abort a worker while tearing its process group down on a loaded 2-core
-        # machine, after the script's last line (seen once in four CI runs of train_ddp.py);
-        # the example must still run cleanly, so it is run once more and that run must pass
-        done = run()
+        # machine, after the script's last line (seen once in four CI runs of train_ddp.py):
+        # run once more; that run must pass, and the aborted one must have printed every line
+        # it prints (an abort during the example's work is a failure)
+        aborted, done = done, run()
+        assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+        printed = len(aborted.stdout.splitlines())
+        assert printed == len(done.stdout.splitlines()), (aborted.stdout, aborted.stderr[-3000:])
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
 
 
