@@ -602,7 +602,9 @@ def _tune(
             verified_runs=lr_checked.seeds if lr_checked.stable else 0,
             stable_lr=edge,
         )
-        measured = _critical_from_steps(noise, lr_checked, reference_batch, task.train_size, target)
+        measured = _critical_from_steps(
+            noise, lr_checked, reference_batch, task.train_size, lr_checked.target_loss
+        )
         if measured is not None and not _resolved(measured):
             notes.append(
                 f"The critical batch through the steps at two batches is not used: the target "

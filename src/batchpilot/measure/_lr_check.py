@@ -42,6 +42,14 @@ are re-run. Without a target it doubles while the tie is wider than the grid res
 (``MAX_TIE_SPAN``: runs too short to tell the lrs apart, as on a plateau). It decides at the
 longest horizon it ran.
 
+**Deepening.** A target the best lr reaches in fewer than ``RESOLVED_STEPS`` steps (a loss on a
+plateau, a step or two below where training starts) ranks the first updates, not the training: a
+wide tie there says nothing. The tied lrs, every other grid point of the tie (×2 apart), are then
+trained without a target for as long as the time left allows (``MAX_DEEPENING`` times the last
+horizon at most), and scored by the steps to a loss taken from those runs: halfway in log-loss
+from the target to the deepest loss some lr reached in every seed. Where the plateau ends
+depends on the lr, and that is what the deeper loss sees.
+
 **Decision.** The grid point at the centre of the final tie (of two middle points, the one with
 the lower median): a flat optimum answers its middle whatever noise ranked first, a sharp one its
 best.
@@ -78,6 +86,10 @@ MAX_TIE_SPAN = 2
 # How many shallower losses a tie by steps to the target, wider than MAX_TIE_SPAN, is re-read at
 # (each halfway to the one before in log-loss, from where the runs started).
 MAX_NARROWINGS = 3
+# How many times its last horizon a deepened check's runs may train (the longest power of two up
+# to it that fits the time left): a target reached within the first updates ranks nothing, and
+# the descent that does (the escape from a plateau) comes hundreds of steps later.
+MAX_DEEPENING = 16
 
 
 def grid_point(lr: float) -> float:
@@ -133,6 +145,7 @@ class LrCheck:
     target_loss: float | None = None
     reached: bool | None = None
     score: Score = "loss"
+    deepened_from: float | None = None
 
     @property
     def steps_to_target(self) -> float | None:
@@ -167,6 +180,7 @@ def _seed_run(
     steps: int,
     device: torch.device | str,
     target_loss: float | None,
+    progress: bool = False,
 ) -> tuple[float, float, tuple[tuple[int, float], ...]]:
     """One training run: its loss (validation loss at its end, else the mean training loss over
     its last tenth; infinite when it diverged), its steps to ``target_loss`` (infinite when it
@@ -180,6 +194,7 @@ def _seed_run(
         seed=seed,
         device=device,
         target_loss=target_loss,
+        progress=progress,
     )
     if run.diverged:
         return math.inf, math.inf, run.progress
@@ -203,9 +218,12 @@ def _trial(
     steps: int,
     device: torch.device | str,
     target_loss: float | None = None,
+    progress: bool = False,
 ) -> LrTrial:
     """Train ``task`` at ``lr`` for ``steps`` steps, once per seed (each ending early at
-    ``target_loss``): the candidate's trial (its median infinite when a seed diverged)."""
+    ``target_loss``): the candidate's trial (its median infinite when a seed diverged).
+    ``progress`` keeps each seed's progress signal also without a target (``reached`` is then
+    filled in by whoever picks the loss, :func:`_at_level`)."""
     runs = [
         _seed_run(
             task,
@@ -216,6 +234,7 @@ def _trial(
             steps=steps,
             device=device,
             target_loss=target_loss,
+            progress=progress,
         )
         for seed in seeds
     ]
@@ -223,8 +242,8 @@ def _trial(
     diverged = any(math.isinf(loss) for loss in losses)
     median = math.inf if diverged else float(np.median(losses))
     reached = tuple(r for _, r, _ in runs) if target_loss is not None else ()
-    progress = tuple(p for _, _, p in runs) if target_loss is not None else ()
-    return LrTrial(lr, losses, median, diverged, steps, reached, progress)
+    kept = tuple(p for _, _, p in runs) if target_loss is not None or progress else ()
+    return LrTrial(lr, losses, median, diverged, steps, reached, kept)
 
 
 def _trial_dict(trial: LrTrial) -> dict[str, Any]:
@@ -462,6 +481,51 @@ def _narrowed(
     return tied, said, scored
 
 
+def _deepest_reached(trials: dict[float, LrTrial]) -> float:
+    """The deepest loss some lr ended at in every seed: over the trials that did not diverge,
+    the lowest of their worst seed's end (the mean of its last two progress points, as
+    :func:`settled_at` smooths them), infinite when there is none."""
+    deepest = math.inf
+    for trial in trials.values():
+        if trial.diverged or not trial.progress or not all(trial.progress):
+            continue
+        worst = max(float(np.median([loss for _, loss in seed[-2:]])) for seed in trial.progress)
+        deepest = min(deepest, worst)
+    return deepest
+
+
+def settled_at(progress: tuple[tuple[int, float], ...], level: float) -> float:
+    """The step from which a progress signal, each point the median of itself and its
+    neighbours, stays at or below ``level`` to its end (interpolated past its last point above,
+    as :func:`~batchpilot.training.steps_to` reads a crossing); infinite when it ends above. A run that dips below the level and
+    spikes back has not got there: the lr that escapes a plateau first and then oscillates
+    trains worse than one that escapes a little later and stays down.
+
+    >>> settled_at(((1, 1.0), (2, 0.9), (3, 0.2), (4, 0.6), (5, 0.3), (6, 0.3)), 0.5)
+    3.26
+    """
+    losses = [loss for _, loss in progress]
+    # each point as the median of itself and its neighbours: one evaluation that caught a spike
+    # is not the run's level, two in a row are
+    smooth = [float(np.median(losses[max(i - 1, 0) : i + 2])) for i in range(len(losses))]
+    progress = tuple((step, loss) for (step, _), loss in zip(progress, smooth, strict=True))
+    above = [i for i, (_, loss) in enumerate(progress) if not loss <= level]
+    if not above:
+        return float(progress[0][0]) if progress else math.inf
+    if above[-1] == len(progress) - 1:
+        return math.inf
+    return steps_to(progress[above[-1] :], level)
+
+
+def _at_level(trials: dict[float, LrTrial], level: float) -> dict[float, LrTrial]:
+    """The trials with each seed's steps to stay at or below ``level`` (:func:`settled_at`,
+    infinite where it never did), as ``reached``."""
+    return {
+        lr: replace(t, reached=tuple(settled_at(p, level) if p else math.inf for p in t.progress))
+        for lr, t in trials.items()
+    }
+
+
 def _decide(
     trials: dict[float, LrTrial],
     best: LrTrial,
@@ -601,7 +665,7 @@ def check_lr(
             return math.inf
         return time_budget_seconds - (time.perf_counter() - start)
 
-    def run(trials: dict[float, LrTrial], lr: float, horizon: int) -> None:
+    def run(trials: dict[float, LrTrial], lr: float, horizon: int, *, deep: bool = False) -> None:
         nonlocal runs
         began = time.perf_counter()
         trials[lr] = _trial(
@@ -612,7 +676,8 @@ def check_lr(
             accumulation_steps=accumulation_steps,
             steps=horizon,
             device=device,
-            target_loss=target_loss,
+            target_loss=None if deep else target_loss,
+            progress=deep,
         )
         # per step actually trained (a run that reached the target stopped early)
         trained = sum(min(r, horizon) if math.isfinite(r) else horizon for r in trials[lr].reached)
@@ -691,9 +756,75 @@ def check_lr(
             run(longer, lr, horizon)
         levels.append((horizon, longer))
         complete = bracket(longer, horizon)
+
+    def deepen(best: LrTrial, tied: list[float], horizon: int) -> tuple[str, float | None]:
+        """Train every other tied lr without a target for as long as the time left allows, and
+        add them, scored by steps to a deeper loss, as the last level: what it did, or why not,
+        and that loss (None when there is none)."""
+        nonlocal complete
+        assert target_loss is not None
+        anchor = _exponent(best.lr)
+        lrs = [lr for lr in tied if (_exponent(lr) - anchor) % 2 == 0]
+        # the run that trained the most steps carries the least set-up per step
+        per_step = min(step_seconds)
+        factor = MAX_DEEPENING
+        while factor >= 2 and len(lrs) * seeds * horizon * factor * per_step > left():
+            factor //= 2
+        if factor < 2:
+            return f"no time was left to train the tied lrs for {2 * horizon} steps", None
+        longer = horizon * factor
+        deep: dict[float, LrTrial] = {}
+        for lr in sorted(lrs, key=lambda lr: abs(_exponent(lr) - anchor)):
+            if deep and left() <= seeds * longer * per_step:
+                complete = False
+                break
+            run(deep, lr, longer, deep=True)
+        deepest = _deepest_reached(deep)
+        if not 0 < deepest < target_loss:
+            return (
+                f"{len(deep)} of them trained {longer} steps and none went below the target in "
+                "every seed, so the tie stands",
+                None,
+            )
+        level = math.sqrt(target_loss * deepest)
+        ran = len(deep)
+        # the tie's middle, when the ×2 grid skipped it (of a tie of two, the point between)
+        tie = _tie(_scored(_at_level(deep, level))[1], "steps to target")
+        if tie is not None:
+            low, high = _exponent(tie[1][0]), _exponent(tie[1][-1])
+            for k in sorted({math.floor((low + high) / 2), math.ceil((low + high) / 2)}):
+                if GRID_FACTOR**k not in deep and left() > seeds * longer * per_step:
+                    run(deep, float(GRID_FACTOR**k), longer, deep=True)
+        levels.append((longer, _at_level(deep, level)))
+        filled = f", and {len(deep) - ran} more in the tie's middle" if len(deep) > ran else ""
+        return (
+            f"so {ran} of them, ×2 apart{filled}, trained {longer} steps without a target, "
+            f"scored by the steps until they stay at or below {level:.4g}, halfway in log-loss "
+            f"from the target to {deepest:.4g} (the deepest loss one of them ended at in every "
+            "seed)",
+            level,
+        )
+
     horizon, trials = levels[-1]
     score, view = _scored(trials)
     tie = _tie(view, score)
+    deepened_from = None
+    deepened = ""
+    if tie is not None and score == "steps to target" and target_loss is not None:
+        best, tied = tie
+        span = _exponent(tied[-1]) - _exponent(tied[0])
+        if best.median < RESOLVED_STEPS and span > MAX_TIE_SPAN:
+            said, deeper = deepen(best, tied, horizon)
+            deepened = (
+                f"{len(tied)} lrs tied over ×{GRID_FACTOR**span:.3g} at the target "
+                f"{target_loss:.4g}, which the best reached in {best.median:.3g} steps (under "
+                f"{RESOLVED_STEPS:.0f}: the first updates, not the training); {said}"
+            )
+            if deeper is not None:
+                deepened_from, target_loss = target_loss, deeper
+                horizon, trials = levels[-1]
+                score, view = _scored(trials)
+                tie = _tie(view, score)
     if tie is None:
         best_lr = None
         lr, reason = centre, "every candidate diverged: the rule's lr is kept, unverified"
@@ -703,6 +834,8 @@ def check_lr(
         lr, reason = _decide(view, best, centre, score, target_loss)
         if why:
             reason += f" (at {horizon} steps; the horizon doubled after " + "; ".join(why) + ")"
+    if deepened:
+        reason = f"{deepened}: {reason}" if deepened_from is not None else f"{reason} ({deepened})"
     reached = None
     if target_loss is not None and tie is not None:
         reached = score == "steps to target" or min(tie[0].losses) <= target_loss
@@ -729,6 +862,7 @@ def check_lr(
         target_loss=target_loss,
         reached=reached,
         score=score,
+        deepened_from=deepened_from,
     )
 
 
