@@ -863,3 +863,75 @@ def test_a_critical_batch_from_a_few_steps_is_not_used() -> None:
     assert few.critical_batch > 500 and not _resolved(few)
     assert _resolved(measured(82.0, 40.0))  # the grid's own counts: read as they are
     assert not _resolved(measured(9.0, 40.0))  # the fewer of the two decides, either batch
+
+
+def _plateau_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, int]]:
+    """Runs on a plateau at loss 1.0 (every lr a hair below it after one step) that each lr
+    leaves after ``400 / lr`` steps, down to 0.2; from lr 4 up the loss oscillates once off the
+    plateau (every other evaluation back at 1.5), from lr 16 it diverges. A run that follows a
+    target stops at it; a deep run (no target) records its whole progress signal."""
+    calls: list[tuple[float, int]] = []
+
+    def curve(lr: float, steps: int, seed: int) -> tuple[tuple[int, float], ...]:
+        points = list(range(1, 21))
+        while points[-1] < steps:
+            points.append(min(steps, max(points[-1] + 1, round(points[-1] * 1.1))))
+        escape = 400.0 / lr * (1 + 0.05 * seed)
+        out = []
+        for i, step in enumerate(points):
+            loss = 0.998 - 0.0001 * seed if step < escape else 0.2
+            if step >= escape and lr >= 4 and i % 2:
+                loss = 1.5
+            out.append((step, loss))
+        return tuple(out)
+
+    def seed_run(
+        task: Task, lr: float, seed: int, *, steps: int, target_loss: Any, **kw: Any
+    ) -> tuple[float, float, tuple[tuple[int, float], ...]]:
+        if not calls or calls[-1] != (lr, steps):
+            calls.append((lr, steps))
+        if lr >= 16:
+            return math.inf, math.inf, ()
+        progress = curve(lr, steps, seed)
+        if target_loss is not None:
+            reached = next((s for s, loss in progress if loss <= target_loss), math.inf)
+            return progress[-1][1], float(reached), progress
+        return progress[-1][1], math.inf, progress if kw.get("progress") else ()
+
+    monkeypatch.setattr(_lr_check, "_seed_run", seed_run)
+    return calls
+
+
+def test_a_wide_tie_reached_within_the_first_updates_is_read_by_longer_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # every lr reaches the target 0.999 at its first step: the check at 20 steps ties the whole
+    # grid below 16; the runs that leave the plateau come 100-400 steps later
+    calls = _plateau_runs(monkeypatch)
+    task = _regression_task(train=64, val=16, features=2, noise=0.1)
+    checked = check_lr(
+        task, rule_lr=0.5, micro_batch=16, steps=20, seeds=3, target_loss=0.999, max_doublings=0
+    )
+    assert checked.deepened_from == pytest.approx(0.999)
+    assert checked.horizons == (20, 20 * _lr_check.MAX_DEEPENING)
+    assert 0.2 < checked.target_loss < 0.999 and checked.score == "steps to target"
+    # lr 2 leaves the plateau at step 200-220 and stays down; 4 and 8 leave it sooner but keep
+    # bouncing back, 1 and below are still on it at step 320
+    assert _exp(checked.lr) == _exp(2.0)
+    assert "stay at or below" in checked.reason and "first updates" in checked.reason
+    deep = [lr for lr, steps in calls if steps == checked.steps]
+    assert len(deep) <= len({_exp(lr) for lr, steps in calls if steps == 20}) // 2 + 2
+    # the first horizon's runs stay in the result, as the level before
+    assert checked.earlier and {t.steps for t in checked.earlier} == {20}
+
+
+def test_a_deeper_look_that_finds_no_lower_loss_keeps_the_tie() -> None:
+    from batchpilot.measure._lr_check import _deepest_reached, settled_at
+
+    flat = ((1, 1.0), (2, 0.99), (3, 0.99))
+    trial = LrTrial(1.0, (0.99,) * 2, 0.99, False, 3, (), (flat, flat))
+    assert _deepest_reached({1.0: trial}) == pytest.approx(0.99)
+    assert _deepest_reached({1.0: replace(trial, diverged=True)}) == math.inf
+    # one evaluation back above the level is a spike; two in a row are not settled
+    assert settled_at(((1, 1.0), (2, 0.3), (3, 0.9), (4, 0.3), (5, 0.3)), 0.5) < 3
+    assert settled_at(((1, 1.0), (2, 0.3), (3, 0.9), (4, 0.9), (5, 0.3)), 0.5) == math.inf

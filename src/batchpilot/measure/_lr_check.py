@@ -89,7 +89,7 @@ MAX_NARROWINGS = 3
 # How many times its last horizon a deepened check's runs may train (the longest power of two up
 # to it that fits the time left): a target reached within the first updates ranks nothing, and
 # the descent that does (the escape from a plateau) comes hundreds of steps later.
-MAX_DEEPENING = 16
+MAX_DEEPENING = 64
 
 
 def grid_point(lr: float) -> float:
@@ -123,7 +123,9 @@ class LrTrial:
 
 @dataclass(frozen=True)
 class LrCheck:
-    """Short runs at one batch around a rule's lr, and the lr they choose."""
+    """Short runs at one batch around a rule's lr, and the lr they choose. ``deepened_from``:
+    the target the check was asked for when it was deepened (``target_loss`` is then the deeper
+    loss its last runs were scored by; see the module docstring)."""
 
     global_batch: int
     micro_batch: int
@@ -768,7 +770,7 @@ def check_lr(
         # the run that trained the most steps carries the least set-up per step
         per_step = min(step_seconds)
         factor = MAX_DEEPENING
-        while factor >= 2 and len(lrs) * seeds * horizon * factor * per_step > left():
+        while factor >= 2 and len(lrs) * seeds * horizon * factor * per_step > 0.9 * left():
             factor //= 2
         if factor < 2:
             return f"no time was left to train the tied lrs for {2 * horizon} steps", None

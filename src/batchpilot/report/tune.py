@@ -480,7 +480,9 @@ def _lr_check_section(result: TuneResult) -> Section:
             _figure(
                 plot_lr_check,
                 check,
-                "Steps to the noise window's loss vs lr"
+                f"Steps until the loss stays below {check.target_loss:.3g} vs lr"
+                if check.deepened_from is not None and check.target_loss is not None
+                else "Steps to the noise window's loss vs lr"
                 if check.score == "steps to target"
                 else "Loss after the check's steps vs lr",
             )
@@ -548,6 +550,12 @@ def _horizon_sentence(
             )
         else:
             source = f"the noise window's loss, {check.target_loss:.4g}"
+        if check.deepened_from is not None:
+            source = (
+                f"{check.target_loss:.4g}, deeper than the first, {check.deepened_from:.4g}, "
+                "which every lr reached within its first updates (a loss on a plateau); the "
+                f"last {check.steps}-step runs are scored by the steps until they stay below it"
+            )
         text += f" The target was {source}: " + ("reached." if check.reached else "not reached.")
     return text
 
