@@ -31,6 +31,7 @@ from batchpilot.measure._lr_check import (
     check_betas,
     check_lr,
     grid_point,
+    settled_at,
     with_adam_scaling,
 )
 from batchpilot.measure._lr_range import (
@@ -235,6 +236,7 @@ __all__ = [
     "run_throughput",
     "search_max_batch",
     "seconds_since_process_start",
+    "settled_at",
     "smoothed_noise",
     "spread",
     "stability_edge",

@@ -876,5 +876,6 @@ __all__ = [
     "check_betas",
     "check_lr",
     "grid_point",
+    "settled_at",
     "with_adam_scaling",
 ]
