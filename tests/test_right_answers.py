@@ -563,6 +563,38 @@ def test_with_checked_lr_replaces_the_lr_and_drops_a_verified_warmup() -> None:
     assert checked.to_dict()["lr_source"] == "checked"
 
 
+def test_a_measured_critical_batch_replaces_the_noise_scale_and_says_what_chose_the_batch() -> None:
+    from batchpilot.plan import StepsCriticalBatch, with_measured_critical_batch
+
+    rec = recommend(
+        train_size=50_000,
+        max_micro_batch=1024,
+        reference_batch=32,
+        reference_lr=0.05,
+        optimizer_name="SGD",
+        throughput=[(32, 1e3), (256, 8e3), (1024, 2e4)],
+        noise_scale=100.0,
+        window_steps=3000,
+    )
+    at_batch = predicted_steps(400, from_batch=32, to_batch=rec.global_batch, critical_batch=800.0)
+    measured = StepsCriticalBatch.measure(
+        0.5,
+        reference=(32, 400.0),
+        reference_resolution=0.1,
+        checked=(rec.global_batch, at_batch, (0.95 * at_batch, 1.05 * at_batch)),
+        dataset_size=None,
+    )
+    assert measured is not None
+    updated = with_measured_critical_batch(rec, measured)
+    assert updated.noise_scale == pytest.approx(800.0, rel=0.01)
+    assert updated.critical_batch_source == "steps at two batches"
+    assert updated.global_batch == rec.global_batch and updated.lr == rec.lr
+    assert updated.predicted_steps == pytest.approx(at_batch)
+    # the earlier reasons explain the batch with the noise scale; the last says so
+    assert "noise scale's 100, with which the batch above was chosen" in updated.reasons[-1]
+    assert "B_crit ≈ 800" in updated.reasons[-1]
+
+
 def test_tune_checks_adam_with_the_rescaled_betas() -> None:
     from batchpilot.tune import TuneOptions, tune
 
@@ -841,6 +873,9 @@ def test_the_report_says_where_the_lr_checks_target_came_from() -> None:
     text = _horizon_sentence(replace(check, target_loss=noisy.target_loss), noisy)
     assert "0.6214, where the noise run had made 95% of its log-loss progress" in text
     assert "from 2.3 to the window's 0.58" in text
+    deeper = replace(check, target_loss=0.42, deepened_from=0.6738, horizons=(28, 448), steps=448)
+    text = _horizon_sentence(deeper, noisy)
+    assert "0.42, deeper than the first, 0.6738" in text and "448-step runs" in text
 
 
 def test_a_critical_batch_from_a_few_steps_is_not_used() -> None:
@@ -865,11 +900,14 @@ def test_a_critical_batch_from_a_few_steps_is_not_used() -> None:
     assert not _resolved(measured(9.0, 40.0))  # the fewer of the two decides, either batch
 
 
-def _plateau_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, int]]:
-    """Runs on a plateau at loss 1.0 (every lr a hair below it after one step) that each lr
-    leaves after ``400 / lr`` steps, down to 0.2; from lr 4 up the loss oscillates once off the
-    plateau (every other evaluation back at 1.5), from lr 16 it diverges. A run that follows a
-    target stops at it; a deep run (no target) records its whole progress signal."""
+def _plateau_runs(
+    monkeypatch: pytest.MonkeyPatch, *, start: float = 1.0
+) -> list[tuple[float, int]]:
+    """Runs that start at ``start`` (1 % apart between seeds) and sit on a plateau at loss
+    0.998 from their second step, which each lr leaves after ``400 / lr`` steps, down to 0.2;
+    from lr 4 up the loss oscillates once off the plateau (every other evaluation back at 1.5),
+    from lr 16 it diverges. A run that follows a target stops at it; a deep run (no target)
+    records its whole progress signal."""
     calls: list[tuple[float, int]] = []
 
     def curve(lr: float, steps: int, seed: int) -> tuple[tuple[int, float], ...]:
@@ -880,6 +918,8 @@ def _plateau_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, int]]:
         out = []
         for i, step in enumerate(points):
             loss = 0.998 - 0.0001 * seed if step < escape else 0.2
+            if i == 0:
+                loss = start * (1 + 0.01 * seed)
             if step >= escape and lr >= 4 and i % 2:
                 loss = 1.5
             out.append((step, loss))
@@ -923,6 +963,14 @@ def test_a_wide_tie_reached_within_the_first_updates_is_read_by_longer_runs(
     assert len(deep) <= len({_exp(lr) for lr, steps in calls if steps == 20}) // 2 + 2
     # the first horizon's runs stay in the result, as the level before
     assert checked.earlier and {t.steps for t in checked.earlier} == {20}
+    # the same tie after a real descent (from 2.0, where the seeds start 2 % apart, to the
+    # target in one step) is a fast task, not a plateau: the target's steps decide
+    calls = _plateau_runs(monkeypatch, start=2.0)
+    fast = check_lr(
+        task, rule_lr=0.5, micro_batch=16, steps=20, seeds=3, target_loss=0.999, max_doublings=0
+    )
+    assert fast.deepened_from is None and fast.horizons == (20,)
+    assert {steps for _, steps in calls} == {20}
 
 
 def test_a_deeper_look_that_finds_no_lower_loss_keeps_the_tie() -> None:

@@ -280,7 +280,13 @@ def render_tune(console: Console, result: TuneResult, report: Path) -> None:
         )
         by_steps = result.lr_check.score == "steps to target"
         columns = ["lr", f"median {result.lr_check.split} loss"]
-        columns += ["median steps to target"] if by_steps else []
+        deeper = result.lr_check.deepened_from is not None
+        steps_column = (
+            f"median steps to stay ≤ {result.lr_check.target_loss or math.nan:.3g}"
+            if deeper
+            else "median steps to target"
+        )
+        columns += [steps_column] if by_steps else []
         for column in (*columns, "diverged"):
             lr_check.add_column(column, justify="right")
         for trial in result.lr_check.trials:

@@ -42,9 +42,10 @@ are re-run. Without a target it doubles while the tie is wider than the grid res
 (``MAX_TIE_SPAN``: runs too short to tell the lrs apart, as on a plateau). It decides at the
 longest horizon it ran.
 
-**Deepening.** A target the best lr reaches in fewer than ``RESOLVED_STEPS`` steps (a loss on a
-plateau, a step or two below where training starts) ranks the first updates, not the training: a
-wide tie there says nothing. The tied lrs, every other grid point of the tie (×2 apart), are then
+**Deepening.** A target the best lr reaches in fewer than ``RESOLVED_STEPS`` steps, when the runs
+moved less from where they started to it than they differ from each other (after their first
+step, or at their end: a loss on a plateau, a hair below the start), ranks the first updates, not
+the training: a wide tie there says nothing. The tied lrs, every other grid point of the tie (×2 apart), are then
 trained without a target for as long as the time left allows (``MAX_DEEPENING`` times the last
 horizon at most), and scored by the steps to a loss taken from those runs: halfway in log-loss
 from the target to the deepest loss some lr reached in every seed. Where the plateau ends
@@ -483,6 +484,42 @@ def _narrowed(
     return tied, said, scored
 
 
+def _on_plateau(trials: dict[float, LrTrial], tied: list[float], target_loss: float) -> bool:
+    """Whether the tied runs' loss moved less from where they started (the median loss after
+    their first step) to ``target_loss`` than it differs between them (the spread, in log-loss,
+    of every tied seed's loss after its first step, or of every one's final loss, whichever is
+    wider): the target then measures no progress, only where each run's draw happened to put
+    it (a loss on a plateau, a hair below the start). A fast task that reaches its target within
+    a few steps has come down a long way to it."""
+    firsts = [seed[0][1] for lr in tied for seed in trials[lr].progress if seed]
+    finals = [loss for lr in tied for loss in trials[lr].losses if math.isfinite(loss)]
+    firsts = [loss for loss in firsts if math.isfinite(loss) and loss > 0]
+    finals = [loss for loss in finals if loss > 0]
+    if len(firsts) < 2 or not target_loss > 0:
+        return False
+    start = float(np.median(firsts))
+    spread = max(math.log(max(f) / min(f)) for f in (firsts, finals or firsts))
+    return start > target_loss and math.log(start / target_loss) < spread
+
+
+def _plateau_tie(
+    trials: dict[float, LrTrial],
+    score: Score,
+    tie: tuple[LrTrial, list[float]],
+    target_loss: float,
+) -> bool:
+    """Whether a tie by steps to ``target_loss`` is one that longer runs must look past: the
+    best got there in fewer than ``RESOLVED_STEPS`` steps, the tie is wider than
+    ``MAX_TIE_SPAN`` and the target sits on a plateau (:func:`_on_plateau`)."""
+    best, tied = tie
+    return (
+        score == "steps to target"
+        and best.median < RESOLVED_STEPS
+        and _exponent(tied[-1]) - _exponent(tied[0]) > MAX_TIE_SPAN
+        and _on_plateau(trials, tied, target_loss)
+    )
+
+
 def _deepest_reached(trials: dict[float, LrTrial]) -> float:
     """The deepest loss some lr ended at in every seed: over the trials that did not diverge,
     the lowest of their worst seed's end (the mean of its last two progress points, as
@@ -725,6 +762,10 @@ def check_lr(
             break
         best, tied = tie
         low, high = _exponent(tied[0]), _exponent(tied[-1])
+        if target_loss is not None and _plateau_tie(trials, score, tie, target_loss):
+            # a seed on the plateau does not reach a target there at any horizon: the time is
+            # the longer runs' that look past it (below)
+            break
         if target_loss is not None and score == "loss":
             because = f"no lr had reached the target loss {target_loss:.4g} in most seeds"
         elif target_loss is not None and not math.isfinite(max(best.losses)):
@@ -815,12 +856,13 @@ def check_lr(
     if tie is not None and score == "steps to target" and target_loss is not None:
         best, tied = tie
         span = _exponent(tied[-1]) - _exponent(tied[0])
-        if best.median < RESOLVED_STEPS and span > MAX_TIE_SPAN:
+        if _plateau_tie(trials, score, tie, target_loss):
             said, deeper = deepen(best, tied, horizon)
             deepened = (
                 f"{len(tied)} lrs tied over ×{GRID_FACTOR**span:.3g} at the target "
                 f"{target_loss:.4g}, which the best reached in {best.median:.3g} steps (under "
-                f"{RESOLVED_STEPS:.0f}: the first updates, not the training); {said}"
+                f"{RESOLVED_STEPS:.0f}: the first updates, not the training) and the runs came "
+                f"down to by less than they differ from each other (a plateau); {said}"
             )
             if deeper is not None:
                 deepened_from, target_loss = target_loss, deeper

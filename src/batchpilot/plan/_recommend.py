@@ -343,8 +343,9 @@ def with_measured_critical_batch(
             f"{measured.reference_steps:.4g} at batch {measured.reference_batch}, "
             f"{measured.steps:.4g} at batch {measured.batch} (median over seeds, "
             f"{measured.steps_range[0]:.4g}–{measured.steps_range[1]:.4g}): B_crit ≈ "
-            f"{measured.critical_batch:.3g} ({low:.3g}–{high:.3g}), in place of the noise "
-            f"scale's {_number(recommendation.noise_scale)}.",
+            f"{measured.critical_batch:.3g} ({low:.3g}–{high:.3g}), reported in place of the "
+            f"noise scale's {_number(recommendation.noise_scale)}, with which the batch above "
+            "was chosen (the lr was checked at that batch only).",
         ),
     )
 
