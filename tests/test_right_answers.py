@@ -901,7 +901,7 @@ def test_a_critical_batch_from_a_few_steps_is_not_used() -> None:
 
 
 def _plateau_runs(
-    monkeypatch: pytest.MonkeyPatch, *, start: float = 1.0
+    monkeypatch: pytest.MonkeyPatch, *, start: float = 1.0, escape: float = 400.0
 ) -> list[tuple[float, int]]:
     """Runs that start at ``start`` (1 % apart between seeds) and sit on a plateau at loss
     0.998 from their second step, which each lr leaves after ``400 / lr`` steps, down to 0.2;
@@ -914,10 +914,10 @@ def _plateau_runs(
         points = list(range(1, 21))
         while points[-1] < steps:
             points.append(min(steps, max(points[-1] + 1, round(points[-1] * 1.1))))
-        escape = 400.0 / lr * (1 + 0.05 * seed)
+        leaves = escape / lr * (1 + 0.05 * seed)
         out = []
         for i, step in enumerate(points):
-            loss = 0.998 - 0.0001 * seed if step < escape else 0.2
+            loss = 0.998 - 0.0001 * seed if step < leaves else 0.2
             if i == 0:
                 loss = start * (1 + 0.01 * seed)
             if step >= escape and lr >= 4 and i % 2:
@@ -955,12 +955,13 @@ def test_a_wide_tie_reached_within_the_first_updates_is_read_by_longer_runs(
     assert checked.deepened_from == pytest.approx(0.999)
     assert checked.horizons == (20, 20 * _lr_check.MAX_DEEPENING)
     assert 0.2 < checked.target_loss < 0.999 and checked.score == "steps to target"
-    # lr 2 leaves the plateau at step 200-220 and stays down; 4 and 8 leave it sooner but keep
-    # bouncing back, 1 and below are still on it at step 320
-    assert _exp(checked.lr) == _exp(2.0)
+    # the longer runs go to the tie's top (11.3, 5.66, 2.83), ×2 apart, and one lower (1.41)
+    # since the two largest bounce back off the plateau and never settle; 2.83 leaves it at
+    # step 141-155 and stays down, 1.41 at 283-311
+    assert _exp(checked.lr) == _exp(2.83)
     assert "stay at or below" in checked.reason and "first updates" in checked.reason
-    deep = [lr for lr, steps in calls if steps == checked.steps]
-    assert len(deep) <= len({_exp(lr) for lr, steps in calls if steps == 20}) // 2 + 2
+    deep = sorted(_exp(lr) for lr, steps in calls if steps == checked.steps)
+    assert deep == [_exp(1.41), _exp(2.83), _exp(5.66), _exp(11.3)]
     # the first horizon's runs stay in the result, as the level before
     assert checked.earlier and {t.steps for t in checked.earlier} == {20}
     # the same tie after a real descent (from 2.0, where the seeds start 2 % apart, to the
@@ -971,6 +972,14 @@ def test_a_wide_tie_reached_within_the_first_updates_is_read_by_longer_runs(
     )
     assert fast.deepened_from is None and fast.horizons == (20,)
     assert {steps for _, steps in calls} == {20}
+    # a plateau no lr leaves within the longer runs: they are still on it, and the tie stands
+    calls = _plateau_runs(monkeypatch, escape=1e6)
+    stuck = check_lr(
+        task, rule_lr=0.5, micro_batch=16, steps=20, seeds=3, target_loss=0.999, max_doublings=0
+    )
+    assert stuck.deepened_from is None and stuck.horizons == (20,)
+    assert "so the tie stands" in stuck.reason and stuck.lr == fast.lr
+    assert len([lr for lr, steps in calls if steps > 20]) == _lr_check.DEEP_LRS
 
 
 def test_a_deeper_look_that_finds_no_lower_loss_keeps_the_tie() -> None:

@@ -45,11 +45,13 @@ longest horizon it ran.
 **Deepening.** A target the best lr reaches in fewer than ``RESOLVED_STEPS`` steps, when the runs
 moved less from where they started to it than they differ from each other (after their first
 step, or at their end: a loss on a plateau, a hair below the start), ranks the first updates, not
-the training: a wide tie there says nothing. The tied lrs, every other grid point of the tie (×2 apart), are then
-trained without a target for as long as the time left allows (``MAX_DEEPENING`` times the last
-horizon at most), and scored by the steps to a loss taken from those runs: halfway in log-loss
-from the target to the deepest loss some lr reached in every seed. Where the plateau ends
-depends on the lr, and that is what the deeper loss sees.
+the training: a wide tie there says nothing. The tie's top ``DEEP_LRS`` lrs, ×2 apart (a plateau
+is left sooner by a larger lr), then train without a target for as long as the time left allows
+(``MAX_DEEPENING`` times the last horizon at most), and are scored by the steps until they stay
+at or below a loss taken from those runs: halfway in log-loss from the target to the deepest loss
+one of them ended at in every seed. Where the plateau ends depends on the lr, and that is what
+the deeper loss sees; when no lr came down from the target (in every seed) by more than one lr's
+seeds differ after one step, they are still on the plateau and the tie stands.
 
 **Decision.** The grid point at the centre of the final tie (of two middle points, the one with
 the lower median): a flat optimum answers its middle whatever noise ranked first, a sharp one its
@@ -91,6 +93,8 @@ MAX_NARROWINGS = 3
 # to it that fits the time left): a target reached within the first updates ranks nothing, and
 # the descent that does (the escape from a plateau) comes hundreds of steps later.
 MAX_DEEPENING = 64
+# How many of a plateau tie's lrs (its top ones, ×2 apart) those longer runs train.
+DEEP_LRS = 3
 
 
 def grid_point(lr: float) -> float:
@@ -520,6 +524,14 @@ def _plateau_tie(
     )
 
 
+def _seed_spread(trial: LrTrial) -> float:
+    """How far apart, in log-loss, a trial's seeds were after their first step (0 without two
+    finite ones)."""
+    firsts = [seed[0][1] for seed in trial.progress if seed]
+    firsts = [loss for loss in firsts if math.isfinite(loss) and loss > 0]
+    return math.log(max(firsts) / min(firsts)) if len(firsts) > 1 else 0.0
+
+
 def _deepest_reached(trials: dict[float, LrTrial]) -> float:
     """The deepest loss some lr ended at in every seed: over the trials that did not diverge,
     the lowest of their worst seed's end (the mean of its last two progress points, as
@@ -806,8 +818,12 @@ def check_lr(
         and that loss (None when there is none)."""
         nonlocal complete
         assert target_loss is not None
-        anchor = _exponent(best.lr)
-        lrs = [lr for lr in tied if (_exponent(lr) - anchor) % 2 == 0]
+        # a plateau is left sooner by a larger lr (never a smaller one): the longest runs the
+        # time allows go to the tie's top lrs, ×2 apart, and go lower only while the lowest run
+        # is the best (the ones above it bounced back off the plateau, or never settled)
+        anchor = _exponent(tied[-1])
+        lrs = [float(GRID_FACTOR**k) for k in range(anchor, _exponent(tied[0]) - 1, -2)][::-1]
+        lower, lrs = lrs[:-DEEP_LRS], lrs[-DEEP_LRS:]
         # the run that trained the most steps carries the least set-up per step
         per_step = min(step_seconds)
         factor = MAX_DEEPENING
@@ -817,16 +833,39 @@ def check_lr(
             return f"no time was left to train the tied lrs for {2 * horizon} steps", None
         longer = horizon * factor
         deep: dict[float, LrTrial] = {}
-        for lr in sorted(lrs, key=lambda lr: abs(_exponent(lr) - anchor)):
+        for lr in reversed(lrs):
             if deep and left() <= seeds * longer * per_step:
                 complete = False
                 break
             run(deep, lr, longer, deep=True)
-        deepest = _deepest_reached(deep)
-        if not 0 < deepest < target_loss:
+
+        goal = target_loss
+
+        def settled() -> tuple[float, tuple[LrTrial, list[float]] | None]:
+            deepest = _deepest_reached(deep)
+            if not 0 < deepest < goal:
+                return deepest, None
+            level = math.sqrt(goal * deepest)
+            return deepest, _tie(_scored(_at_level(deep, level))[1], "steps to target")
+
+        def escaped(deepest: float) -> bool:
+            # how far apart one lr's seeds start (after one step): an lr that came down from
+            # the target by less has not left the plateau
+            spread = max((_seed_spread(t) for t in deep.values()), default=math.inf)
+            return 0 < deepest < goal and math.log(goal / deepest) > spread
+
+        deepest, tie = settled()
+        while lower and escaped(deepest) and left() > seeds * longer * per_step:
+            if tie is not None and math.isfinite(tie[0].median) and tie[1][0] > min(deep):
+                break
+            run(deep, lower.pop(), longer, deep=True)
+            deepest, tie = settled()
+        spread = max((_seed_spread(t) for t in deep.values()), default=math.inf)
+        if not escaped(deepest):
             return (
-                f"{len(deep)} of them trained {longer} steps and none went below the target in "
-                "every seed, so the tie stands",
+                f"{len(deep)} of them trained {longer} steps and none came down from the target "
+                "in every seed by more than one lr's seeds differ after one step "
+                f"(×{math.exp(spread):.3g}), so the tie stands",
                 None,
             )
         level = math.sqrt(target_loss * deepest)
@@ -841,7 +880,7 @@ def check_lr(
         levels.append((longer, _at_level(deep, level)))
         filled = f", and {len(deep) - ran} more in the tie's middle" if len(deep) > ran else ""
         return (
-            f"so {ran} of them, ×2 apart{filled}, trained {longer} steps without a target, "
+            f"so the top {ran} of them, ×2 apart{filled}, trained {longer} steps without a target, "
             f"scored by the steps until they stay at or below {level:.4g}, halfway in log-loss "
             f"from the target to {deepest:.4g} (the deepest loss one of them ended at in every "
             "seed)",
