@@ -992,3 +992,26 @@ def test_a_deeper_look_that_finds_no_lower_loss_keeps_the_tie() -> None:
     # one evaluation back above the level is a spike; two in a row are not settled
     assert settled_at(((1, 1.0), (2, 0.3), (3, 0.9), (4, 0.3), (5, 0.3)), 0.5) < 3
     assert settled_at(((1, 1.0), (2, 0.3), (3, 0.9), (4, 0.9), (5, 0.3)), 0.5) == math.inf
+
+
+def test_the_critical_batch_is_read_at_two_batches_only_from_one_kind_of_step_count() -> None:
+    from batchpilot.measure._lr_check import LrCheck
+    from batchpilot.tune import _critical_from_steps
+
+    # the noise run at batch 32 crosses 0.5 at step 100; the check at 512 in 40 steps
+    noise = _window_result(((1, 2.0), (50, 0.8), (100, 0.5), (200, 0.3)), 200)
+    chosen = LrTrial(0.1, (40.0,) * 3, 40.0, False, 80, (38.0, 40.0, 42.0), ())
+    check = LrCheck(
+        *(512, 512, 1, 80, 3, 0.1, 0.1, (chosen,), 0.1, 0.1, True, "r", "val", 1.0, True),
+        horizons=(80,),
+        target_loss=0.5,
+        reached=True,
+        score="steps to target",
+    )
+    measured = _critical_from_steps(noise, check, 32, 100_000, 0.5)
+    assert measured is not None and measured.reference_steps == pytest.approx(100.0)
+    assert measured.steps == pytest.approx(40.0) and measured.critical_batch > 0
+    # steps until the runs stay below a deeper loss (a check that looked past a plateau) are
+    # not the first crossing the noise run's steps are: no reading
+    deeper = replace(check, deepened_from=0.9)
+    assert _critical_from_steps(noise, deeper, 32, 100_000, 0.5) is None

@@ -701,6 +701,10 @@ def _critical_from_steps(
     at_batch = next((t for t in check.trials if t.lr == check.lr), None)
     if noise is None or target is None or check.score != "steps to target" or at_batch is None:
         return None
+    if check.deepened_from is not None:
+        # a check that looked past a plateau counts the steps until its runs stay below a loss,
+        # not the first crossing the noise run's steps are read as: not one quantity
+        return None
     reached = [r for r in at_batch.reached if math.isfinite(r)]
     reference_steps = steps_to(noise.progress, target)
     if not reached or not math.isfinite(reference_steps):
