@@ -980,6 +980,20 @@ def test_a_wide_tie_reached_within_the_first_updates_is_read_by_longer_runs(
     assert stuck.deepened_from is None and stuck.horizons == (20,)
     assert "so the tie stands" in stuck.reason and stuck.lr == fast.lr
     assert len([lr for lr, steps in calls if steps > 20]) == _lr_check.DEEP_LRS
+    # a target the user gave is kept, plateau or not
+    calls = _plateau_runs(monkeypatch)
+    kept = check_lr(
+        task,
+        rule_lr=0.5,
+        micro_batch=16,
+        steps=20,
+        seeds=3,
+        target_loss=0.999,
+        max_doublings=0,
+        look_past_plateau=False,
+    )
+    assert kept.deepened_from is None and kept.target_loss == 0.999
+    assert {steps for _, steps in calls} == {20}
 
 
 def test_a_deeper_look_that_finds_no_lower_loss_keeps_the_tie() -> None:

@@ -804,6 +804,8 @@ def _check(
         time_budget_seconds=budget,
         on_run=lambda done: bar.update("lr check", done * seeds),
         target_loss=target_loss,
+        # a loss the user gave is the one they train to, plateau or not
+        look_past_plateau=options.target_loss is None,
     )
     betas = None
     if recommendation.lr_rule == "adam" and recommendation.betas is not None:

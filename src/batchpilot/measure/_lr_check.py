@@ -686,6 +686,7 @@ def check_lr(
     on_run: Callable[[int], None] | None = None,
     target_loss: float | None = None,
     max_doublings: int = MAX_DOUBLINGS,
+    look_past_plateau: bool = True,
 ) -> LrCheck:
     """Train ``task`` at ``micro_batch × accumulation_steps`` for ``steps`` steps at the √2-grid
     point nearest ``rule_lr`` and its two neighbours (``seeds`` seeds each, from ``seed``), grow
@@ -697,7 +698,8 @@ def check_lr(
     ``time_budget_seconds`` bounds the whole check: a longer horizon is started only when its
     runs, timed by the ones before, fit in what is left, and the grid stops growing once it is
     spent (the result says whether it was ``complete``). ``on_run(runs_done)`` after each
-    candidate.
+    candidate. ``look_past_plateau=False`` keeps ``target_loss`` even on a plateau (a loss the
+    user trains to; see "Deepening" in the module docstring).
     """
     check_positive_float("rule_lr", rule_lr)
     check_positive_int("steps", steps)
@@ -774,7 +776,11 @@ def check_lr(
             break
         best, tied = tie
         low, high = _exponent(tied[0]), _exponent(tied[-1])
-        if target_loss is not None and _plateau_tie(trials, score, tie, target_loss):
+        if (
+            look_past_plateau
+            and target_loss is not None
+            and _plateau_tie(trials, score, tie, target_loss)
+        ):
             # a seed on the plateau does not reach a target there at any horizon: the time is
             # the longer runs' that look past it (below)
             break
@@ -895,7 +901,7 @@ def check_lr(
     if tie is not None and score == "steps to target" and target_loss is not None:
         best, tied = tie
         span = _exponent(tied[-1]) - _exponent(tied[0])
-        if _plateau_tie(trials, score, tie, target_loss):
+        if look_past_plateau and _plateau_tie(trials, score, tie, target_loss):
             said, deeper = deepen(best, tied, horizon)
             deepened = (
                 f"{len(tied)} lrs tied over ×{GRID_FACTOR**span:.3g} at the target "
