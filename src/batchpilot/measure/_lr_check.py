@@ -854,11 +854,13 @@ def check_lr(
             level = math.sqrt(goal * deepest)
             return deepest, _tie(_scored(_at_level(deep, level))[1], "steps to target")
 
-        def escaped(deepest: float) -> bool:
+        def spread() -> float:
             # how far apart one lr's seeds start (after one step): an lr that came down from
             # the target by less has not left the plateau
-            spread = max((_seed_spread(t) for t in deep.values()), default=math.inf)
-            return 0 < deepest < goal and math.log(goal / deepest) > spread
+            return max((_seed_spread(t) for t in deep.values()), default=math.inf)
+
+        def escaped(deepest: float) -> bool:
+            return 0 < deepest < goal and math.log(goal / deepest) > spread()
 
         deepest, tie = settled()
         while lower and escaped(deepest) and left() > seeds * longer * per_step:
@@ -866,18 +868,17 @@ def check_lr(
                 break
             run(deep, lower.pop(), longer, deep=True)
             deepest, tie = settled()
-        spread = max((_seed_spread(t) for t in deep.values()), default=math.inf)
         if not escaped(deepest):
             return (
                 f"{len(deep)} of them trained {longer} steps and none came down from the target "
                 "in every seed by more than one lr's seeds differ after one step "
-                f"(×{math.exp(spread):.3g}), so the tie stands",
+                f"(×{math.exp(spread()):.3g}), so the tie stands",
                 None,
             )
         level = math.sqrt(target_loss * deepest)
         ran = len(deep)
-        # the tie's middle, when the ×2 grid skipped it (of a tie of two, the point between)
-        tie = _tie(_scored(_at_level(deep, level))[1], "steps to target")
+        # the tie's middle, when the ×2 grid skipped it (of a tie of two, the point between);
+        # ``tie`` is the one at ``level``, read after the last run
         if tie is not None:
             low, high = _exponent(tie[1][0]), _exponent(tie[1][-1])
             for k in sorted({math.floor((low + high) / 2), math.ceil((low + high) / 2)}):
